@@ -1,0 +1,106 @@
+"""Frozen configuration dataclasses. Each component receives only the one it needs."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+# model_type (HF) or general.architecture (GGUF) -> the model file that implements it.
+ARCHITECTURES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+    "qwen3": "qwen3",
+    "gemma3": "gemma3",
+    "gemma3_text": "gemma3",
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The hyper-parameters a model file needs, in Hugging Face's vocabulary."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    hidden_act: str = "silu"
+    sliding_window: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # architecture-specific fields, as in config.json
+
+    @property
+    def architecture(self) -> str:
+        try:
+            return ARCHITECTURES[self.model_type]
+        except KeyError:
+            raise ValueError(
+                f"model type {self.model_type!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
+            ) from None
+
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any]) -> ModelConfig:
+        """Build from a config.json dictionary (transformers 4 or 5 layouts)."""
+        c = dict(config.get("text_config") or {}, **{k: v for k, v in config.items() if k != "text_config"})
+        rope = dict(c.get("rope_parameters") or {})  # transformers 5 layout
+        rope_theta = c.get("rope_theta", rope.get("rope_theta", 10000.0))
+        rope_scaling = c.get("rope_scaling") or ({k: v for k, v in rope.items() if k != "rope_theta"} or None)
+        if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) in (None, "default"):
+            rope_scaling = None
+        heads = c["num_attention_heads"]
+        known = {f.name for f in cls.__dataclass_fields__.values()}
+        return cls(
+            model_type=c["model_type"],
+            vocab_size=c["vocab_size"],
+            hidden_size=c["hidden_size"],
+            intermediate_size=c["intermediate_size"],
+            num_hidden_layers=c["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=c.get("num_key_value_heads") or heads,
+            head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+            max_position_embeddings=c.get("max_position_embeddings", 4096),
+            rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            rope_scaling=rope_scaling,
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+            attention_bias=bool(c.get("attention_bias", c["model_type"] == "qwen2")),
+            hidden_act=c.get("hidden_act", c.get("hidden_activation", "silu")),
+            sliding_window=c.get("sliding_window") if c.get("use_sliding_window", True) else None,
+            extra={k: v for k, v in c.items() if k not in known},
+        )
+
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int) -> int:
+    """'2GiB', '512MB', '1.5G' or a number of bytes -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(str(text))
+    if not m:
+        raise ValueError(f"cannot read {text!r} as a memory size; write e.g. 2GiB, 512MiB or 1000000000")
+    number, unit, binary = float(m.group(1)), m.group(2).lower(), m.group(3)
+    base = 1024 if binary or unit == "" else 1000
+    return int(number * base ** "_kmgt".index(unit or "_"))
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    kv_cache_memory: int = 2 * 1024**3  # bytes for the KV cache of all layers
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.kv_cache_memory <= 0:
+            raise ValueError(f"invalid cache configuration: {self}")

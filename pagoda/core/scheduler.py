@@ -1,0 +1,194 @@
+"""Scheduler: one token-budget loop deciding, each step, which requests run and how many tokens each.
+
+Running requests go first, in admission order, each closing as much of its gap (num_tokens -
+num_computed_tokens) as the budget allows; then waiting requests are admitted first-come-first-served.
+This single rule gives chunked prefill and mixed prefill/decode batches. When the KV cache runs out, the
+most recently admitted running request is preempted: its blocks are freed and it goes back to the front of
+the queue, to recompute its history later (same tokens, so the same output). No torch here.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from pagoda.core.kv_cache_manager import KVCacheManager
+from pagoda.core.outputs import EngineCoreOutput, ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from pagoda.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64  # requests running at once
+    max_num_batched_tokens: int = 512  # tokens computed per step: bounds the step time, hence decode latency
+    max_model_len: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.max_model_len < 2:
+            raise ValueError(f"invalid scheduler limits: {self}")
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager):
+        # A request of max_model_len tokens must fit the whole cache alone, or preemption could never end.
+        if config.max_model_len > kv_cache.num_blocks * kv_cache.block_size:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the KV cache's "
+                             f"{kv_cache.num_blocks * kv_cache.block_size} tokens")
+        self.config = config
+        self.kv_cache = kv_cache
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions_total = 0
+
+    # ---- intake -------------------------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        if request.num_tokens >= self.config.max_model_len:
+            raise ValueError(f"request {request.request_id!r} has {request.num_tokens} tokens; the context holds "
+                             f"{self.config.max_model_len}, including at least one generated token")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
+        """End requests from outside the step (abort, stop string, error); their blocks are freed now."""
+        assert status.finished
+        ended = []
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            request.status = status
+            self._free(request)
+            ended.append(request)
+        return ended
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- one step -----------------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[tuple[Request, int]] = []
+        preempted: list[Request] = []
+
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.kv_cache.allocate_slots(request, num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                scheduled.append((request, num_new))
+                budget -= num_new
+                index += 1
+
+        # Admit waiting requests only when nothing was preempted: the cache is already too full.
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            hits = self.kv_cache.find_cached_prefix(request)
+            num_hit_tokens = len(hits) * self.kv_cache.block_size
+            num_new = min(request.num_tokens - num_hit_tokens, budget)
+            if not self.kv_cache.allocate_slots(request, num_new, hits):
+                break
+            self.waiting.popleft()
+            if request.status == RequestStatus.WAITING:
+                request.num_cached_tokens = num_hit_tokens
+            request.num_computed_tokens = num_hit_tokens
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled.append((request, num_new))
+            budget -= num_new
+
+        return SchedulerOutput(
+            requests=[self._to_scheduled(request, n) for request, n in scheduled],
+            num_batched_tokens=self.config.max_num_batched_tokens - budget,
+            preempted_ids=[r.request_id for r in preempted],
+        )
+
+    def _to_scheduled(self, request: Request, num_tokens: int) -> ScheduledRequest:
+        return ScheduledRequest(
+            request_id=request.request_id,
+            token_ids=request.all_token_ids,
+            start=request.num_computed_tokens,
+            num_tokens=num_tokens,
+            block_ids=self.kv_cache.block_ids(request.request_id),
+            sample=request.num_computed_tokens + num_tokens == request.num_tokens,
+            params=request.sampling_params,
+            num_prompt_tokens=request.num_prompt_tokens,
+            output_token_ids=request.output_token_ids,
+            eos_token_ids=request.eos_token_ids,
+        )
+
+    def update_from_output(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
+                           ) -> list[EngineCoreOutput]:
+        """Advance each scheduled request by what the step computed; append sampled tokens; apply stops."""
+        outputs = []
+        for scheduled in scheduler_output.requests:
+            request = self.requests.get(scheduled.request_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # ended while the step ran
+            request.num_computed_tokens += scheduled.num_tokens
+            self.kv_cache.cache_computed_blocks(request)
+            if not scheduled.sample:
+                continue
+            token_id = runner_output.sampled_token_ids[request.request_id]
+            request.append_output_token(token_id)
+            status = self._stop_status(request, token_id)
+            logprobs = runner_output.logprobs.get(request.request_id)
+            outputs.append(EngineCoreOutput(
+                request_id=request.request_id,
+                new_token_ids=[token_id],
+                new_logprobs=[logprobs] if logprobs is not None else [],
+                status=status,
+                stop_reason=request.stop_reason,
+            ))
+            if status.finished:
+                self.running.remove(request)
+                request.status = status
+                self._free(request)
+        return outputs
+
+    def _stop_status(self, request: Request, token_id: int) -> RequestStatus:
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens:
+            if token_id in request.eos_token_ids and not params.ignore_eos:
+                return RequestStatus.FINISHED_STOPPED
+            if token_id in params.stop_token_ids:
+                request.stop_reason = token_id
+                return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return RequestStatus.RUNNING
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_cache.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions_total += 1
+        self.waiting.appendleft(request)
+
+    def _free(self, request: Request) -> None:
+        self.kv_cache.free(request)
+        del self.requests[request.request_id]

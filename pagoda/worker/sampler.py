@@ -1,0 +1,162 @@
+"""Batched sampling with per-request parameters.
+
+Order, as in vLLM: logit bias and min_tokens suppression → penalties → greedy argmax, or temperature → min_p →
+top_k / top_p → sample. Logprobs describe the model's raw distribution (before any of these).
+
+Sampling draws one exponential variate per vocabulary entry and takes argmax(p / e), which picks token i with
+probability p_i. A request with a seed draws its variates from a generator seeded by (seed, step), so its
+tokens do not depend on the rest of the batch, on preemption, or on how often it was scheduled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pagoda.core.outputs import ScheduledRequest, TokenLogprobs
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64: decorrelates nearby seeds, so (seed, step) and (seed + 1, step - 1) draw unrelated noise."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) & ((1 << 63) - 1)
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row parameters for the rows of a logits matrix, built once per step from the scheduled requests."""
+
+    requests: list[ScheduledRequest]
+    temperature: torch.Tensor  # [B], 1.0 on greedy rows
+    greedy: torch.Tensor  # [B] bool
+    all_greedy: bool
+    top_k: torch.Tensor | None  # [B] long, vocab size where unlimited
+    top_p: torch.Tensor | None
+    min_p: torch.Tensor | None
+    max_logprobs: int | None  # the largest top-k of logprobs asked for, if any
+
+    @classmethod
+    def build(cls, requests: list[ScheduledRequest], vocab_size: int, device: torch.device) -> SamplingBatch:
+        params = [r.params for r in requests]
+        greedy = [p.greedy for p in params]
+        asked = [p.logprobs for p in params if p.logprobs is not None]
+
+        def column(values, dtype, needed: bool):
+            return torch.tensor(values, dtype=dtype, device=device) if needed else None
+
+        return cls(
+            requests=requests,
+            temperature=torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)],
+                                     dtype=torch.float32, device=device),
+            greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
+            all_greedy=all(greedy),
+            top_k=column([p.top_k or vocab_size for p in params], torch.long,
+                         any(0 < p.top_k < vocab_size and not g for p, g in zip(params, greedy))),
+            top_p=column([p.top_p for p in params], torch.float32,
+                         any(p.top_p < 1.0 and not g for p, g in zip(params, greedy))),
+            min_p=column([p.min_p for p in params], torch.float32,
+                         any(p.min_p > 0.0 and not g for p, g in zip(params, greedy))),
+            max_logprobs=max(asked) if asked else None,
+        )
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> tuple[list[int], list[TokenLogprobs | None]]:
+        logits = logits.float()
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.max_logprobs is not None else None
+        logits = self._apply_constraints(logits, batch)
+        logits = self._apply_penalties(logits, batch)
+        greedy_tokens = logits.argmax(dim=-1)
+        if batch.all_greedy:
+            tokens = greedy_tokens
+        else:
+            tokens = torch.where(batch.greedy, greedy_tokens, self._sample(logits, batch))
+        token_list = tokens.tolist()
+        return token_list, self._logprobs(raw_logprobs, token_list, batch)
+
+    def _apply_constraints(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """logit_bias, and min_tokens: EOS and stop tokens are impossible until min_tokens are generated."""
+        for row, r in enumerate(batch.requests):
+            p = r.params
+            if p.logit_bias:
+                ids = torch.tensor(list(p.logit_bias.keys()), dtype=torch.long, device=logits.device)
+                vals = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+                logits[row].index_add_(0, ids, vals)
+            if len(r.output_token_ids) < p.min_tokens:
+                banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(r.eos_token_ids))
+                if banned:
+                    logits[row, banned] = float("-inf")
+        return logits
+
+    def _apply_penalties(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        rows = [i for i, r in enumerate(batch.requests)
+                if r.params.repetition_penalty != 1.0 or r.params.presence_penalty or r.params.frequency_penalty]
+        for row in rows:  # one vectorised pass per penalised request
+            r = batch.requests[row]
+            p = r.params
+            out = torch.tensor(r.output_token_ids, dtype=torch.long, device=logits.device)
+            counts = torch.bincount(out, minlength=logits.shape[1])[: logits.shape[1]].to(logits.dtype)
+            if p.repetition_penalty != 1.0:
+                seen = counts > 0
+                prompt = torch.tensor(r.token_ids[: r.num_prompt_tokens], dtype=torch.long, device=logits.device)
+                seen[prompt] = True
+                row_logits = logits[row]
+                penalised = torch.where(row_logits > 0, row_logits / p.repetition_penalty,
+                                        row_logits * p.repetition_penalty)
+                logits[row] = torch.where(seen, penalised, row_logits)
+            if p.frequency_penalty:
+                logits[row] -= p.frequency_penalty * counts
+            if p.presence_penalty:
+                logits[row] -= p.presence_penalty * (counts > 0).to(logits.dtype)
+        return logits
+
+    def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        probs = torch.softmax(logits / batch.temperature.unsqueeze(1), dim=-1)
+        if batch.min_p is not None:
+            threshold = batch.min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+            probs = probs.masked_fill(probs < threshold, 0.0)
+        if batch.top_k is not None or batch.top_p is not None:
+            probs = self._top_k_top_p(probs, batch.top_k, batch.top_p)
+        noise = torch.empty_like(probs).exponential_()
+        for row, r in enumerate(batch.requests):
+            if r.params.seed is not None:
+                gen = torch.Generator(device=probs.device)
+                gen.manual_seed(_mix64(_mix64(r.params.seed) ^ len(r.output_token_ids)))
+                noise[row].exponential_(generator=gen)
+        return (probs / noise).argmax(dim=-1)
+
+    @staticmethod
+    def _top_k_top_p(probs: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        keep = torch.ones_like(sorted_probs, dtype=torch.bool)
+        if top_k is not None:
+            ranks = torch.arange(probs.shape[1], device=probs.device).unsqueeze(0)
+            keep &= ranks < top_k.unsqueeze(1)
+        if top_p is not None:
+            sorted_probs = sorted_probs * keep
+            before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of strictly better tokens
+            total = sorted_probs.sum(dim=-1, keepdim=True)
+            keep &= before < top_p.unsqueeze(1) * total  # the best token is always kept
+        filtered = torch.zeros_like(probs)
+        return filtered.scatter_(1, order, sorted_probs * keep)
+
+    @staticmethod
+    def _logprobs(raw: torch.Tensor | None, tokens: list[int], batch: SamplingBatch) -> list[TokenLogprobs | None]:
+        if raw is None:
+            return [None] * len(tokens)
+        top_vals, top_ids = raw.topk(max(batch.max_logprobs, 1), dim=-1)
+        chosen = raw.gather(1, torch.tensor(tokens, device=raw.device).unsqueeze(1)).squeeze(1).tolist()
+        top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+        out: list[TokenLogprobs | None] = []
+        for row, r in enumerate(batch.requests):
+            k = r.params.logprobs
+            if k is None:
+                out.append(None)
+            else:
+                out.append(TokenLogprobs(tokens[row], chosen[row], list(zip(top_ids[row][:k], top_vals[row][:k]))))
+        return out
