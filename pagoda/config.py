@@ -53,6 +53,9 @@ class ModelConfig:
         """Build from a config.json dictionary (transformers 4 or 5 layouts)."""
         c = dict(config.get("text_config") or {}, **{k: v for k, v in config.items() if k != "text_config"})
         rope = dict(c.get("rope_parameters") or {})  # transformers 5 layout
+        if "full_attention" in rope:  # parameters per layer type (Gemma 3): local ones go to extra
+            c.setdefault("rope_local_base_freq", (rope.get("sliding_attention") or {}).get("rope_theta", 10000.0))
+            rope = dict(rope["full_attention"])
         rope_theta = c.get("rope_theta", rope.get("rope_theta", 10000.0))
         rope_scaling = c.get("rope_scaling") or ({k: v for k, v in rope.items() if k != "rope_theta"} or None)
         if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) in (None, "default"):

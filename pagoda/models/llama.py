@@ -137,7 +137,7 @@ def load_fused_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tens
 
     needed = {(p, i) for p in params for i in range(len(shard_sizes(p) or [None]))}
     filled: set[tuple[str, int]] = set()
-    tied = model.config.tie_word_embeddings
+    tied = model.config.tie_word_embeddings or getattr(model, "lm_head", None) is None
     for name, tensor in weights:
         if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
             continue
