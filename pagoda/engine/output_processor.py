@@ -101,6 +101,8 @@ class OutputProcessor:
                 out.delta_logprobs.extend(core.new_logprobs)
             text = sample.detokenizer.push(core.new_token_ids)
             status = core.status
+            if status.finished:  # text held back for an unfinished character has nothing more to wait for
+                text += sample.detokenizer.flush()
             if sample.stops is not None:
                 text, hit = sample.stops.feed(text)
                 if hit and not status.finished:
