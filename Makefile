@@ -24,6 +24,7 @@ serve: model
 	$(PAGODA) generate --chat --model $(MODEL) "What is the capital of France?"
 
 test: model
+	$(PAGODA) pull gemma3-270m
 	$(PY) -m pytest -q
 
 clean:

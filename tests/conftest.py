@@ -14,10 +14,40 @@ def _store_home() -> Path:
     return Path(os.environ.get("PAGODA_HOME", Path.home() / ".cache" / "pagoda"))
 
 
+def _pulled(name: str) -> Path:
+    found = sorted((_store_home() / "models" / name).glob("*.gguf"))
+    if not found:
+        pytest.fail(f"model {name} missing: run `pagoda pull {name}` (make test does)")
+    return found[0]
+
+
 @pytest.fixture(scope="session")
 def smollm_gguf() -> Path:
-    """Path of the default model's GGUF file (SmolLM2-135M-Instruct, Q4_1)."""
-    found = sorted((_store_home() / "models" / DEFAULT_MODEL).glob("*.gguf"))
-    if not found:
-        pytest.fail(f"default model missing: run `pagoda pull {DEFAULT_MODEL}` (make test does)")
-    return found[0]
+    """Path of the default model's GGUF file (SmolLM2-135M-Instruct, Q4_1: llama architecture, byte-level BPE)."""
+    return _pulled(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf() -> Path:
+    """Gemma-3-270M, Q4_K_M: gemma3 architecture, SentencePiece-style vocabulary, base model."""
+    return _pulled("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def hf_model(smollm_gguf):
+    """transformers' model and tokenizer on the same GGUF file: the correctness oracle (fp32)."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(smollm_gguf.parent), gguf_file=smollm_gguf.name, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(smollm_gguf.parent), gguf_file=smollm_gguf.name)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def llm(smollm_gguf):
+    """One fp32 engine on the default model, shared by the tests (each leaves it idle, every block free)."""
+    from pagoda import LLM
+
+    return LLM(str(smollm_gguf), dtype="float32", kv_cache_memory="256MiB", progress=False)

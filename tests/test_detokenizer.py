@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import random
-from pathlib import Path
 
 import pytest
 
@@ -35,12 +33,8 @@ def spm() -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def gemma() -> Tokenizer:
-    home = Path(os.environ.get("PAGODA_HOME", Path.home() / ".cache" / "pagoda"))
-    found = sorted((home / "models" / "gemma3-270m").glob("*.gguf"))
-    if not found:
-        pytest.skip("Gemma 3 270M GGUF not in the model store: run `pagoda pull gemma3-270m`")
-    return Tokenizer.from_gguf_metadata(GGUFFile(found[0]).metadata)
+def gemma(gemma_gguf) -> Tokenizer:
+    return Tokenizer.from_gguf_metadata(GGUFFile(gemma_gguf).metadata)
 
 
 @pytest.fixture(params=["smol", "spm", "gemma"])

@@ -24,19 +24,6 @@ PROMPTS = [
 LOGITS_ATOL = 2e-3  # fp32, same weights; differences come from summation order only
 
 
-@pytest.fixture(scope="session")
-def hf_model(smollm_gguf):
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(smollm_gguf.parent), gguf_file=smollm_gguf.name, dtype=torch.float32).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(smollm_gguf.parent), gguf_file=smollm_gguf.name)
-    return model, tokenizer
-
-
-@pytest.fixture(scope="session")
-def llm(smollm_gguf):
-    return LLM(str(smollm_gguf), dtype="float32", kv_cache_memory="256MiB", progress=False)
-
-
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,

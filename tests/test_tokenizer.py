@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 from pathlib import Path
 
@@ -51,10 +50,6 @@ TEXTS = [
 # Digits(individual_digits=True), llama.cpp's "smollm" pre-tokenizer splits \p{N}); transformers' GGUF loader
 # has no "smollm" entry and keeps the space attached (" ½" instead of " ", "½").
 NUMERAL_TEXTS = ["Arabic-Indic ٣٤٥ and \u0661\u0662", "fractions ½ ¾ and powers x² y³", "roman Ⅻ ⅷ 10½"]
-
-
-def _store_home() -> Path:
-    return Path(os.environ.get("PAGODA_HOME", Path.home() / ".cache" / "pagoda"))
 
 
 @pytest.fixture(scope="module")
@@ -261,15 +256,6 @@ def test_hf_dir_special_tokens_map_and_missing_tokenizer_json(smol_ref, tmp_path
 
 
 # ---------------------------------------------------------------- Gemma 3 (SentencePiece-style BPE, "llama")
-
-
-@pytest.fixture(scope="module")
-def gemma_gguf() -> Path:
-    found = sorted((_store_home() / "models" / "gemma3-270m").glob("*.gguf"))
-    if not found:
-        pytest.skip("Gemma 3 270M GGUF not in the model store: run `pagoda pull gemma3-270m` to test the "
-                    "SentencePiece-style ('llama') GGUF vocabulary")
-    return found[0]
 
 
 @pytest.fixture(scope="module")
