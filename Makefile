@@ -6,7 +6,7 @@ PAGODA := $(VENV)/bin/pagoda
 TORCH_SPEC ?= torch==2.13.0
 MODEL ?= smollm2-135m-instruct
 
-.PHONY: setup model serve test clean
+.PHONY: setup model browser serve test clean
 
 setup: $(VENV)/.installed
 
@@ -20,10 +20,19 @@ $(VENV)/.installed: pyproject.toml
 model: setup
 	$(PAGODA) pull $(MODEL)
 
-serve: model
-	$(PAGODA) generate --chat --model $(MODEL) "What is the capital of France?"
+# The web page test drives Debian's Chromium (never a downloaded browser); installed here when missing.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
-test: model
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+serve: model
+	$(PAGODA) serve $(MODEL) --host $(HOST) --port $(PORT)
+
+test: model browser
 	$(PAGODA) pull gemma3-270m
 	$(PY) -m pytest -q
 

@@ -1,4 +1,4 @@
-"""The `pagoda` command: pull, list, generate."""
+"""The `pagoda` command: pull, list, generate, serve, chat."""
 
 from __future__ import annotations
 
@@ -74,6 +74,46 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    import uvicorn
+
+    from pagoda.server.app import ServerSettings, create_app
+
+    if args.model_arg:
+        args.model = args.model_arg
+    api_key = args.api_key or os.environ.get("PAGODA_API_KEY") or None
+    url = f"http://{args.host}:{args.port}"
+    settings = ServerSettings(engine=_engine_config(args), served_model_name=args.served_model_name,
+                              api_key=api_key, request_timeout=args.request_timeout, max_waiting=args.max_waiting,
+                              progress=True, url=url)
+    app = create_app(settings)
+    logging.getLogger("pagoda").info("Pagoda %s listening on %s; loading %s (GET /health answers 200 when ready)",
+                                     _version(), url, args.model)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=args.access_log,
+                timeout_keep_alive=30)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    import os
+
+    from pagoda.chat import LocalChat, RemoteChat, run_chat
+
+    if args.url:
+        backend = RemoteChat(args.url, api_key=args.api_key or os.environ.get("PAGODA_API_KEY") or None)
+    else:
+        backend = LocalChat(_engine_config(args))
+    return run_chat(backend, system=args.system, temperature=args.temperature, max_tokens=args.max_tokens)
+
+
+def _version() -> str:
+    from pagoda import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagoda", description="An LLM serving engine for CPUs.")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
@@ -96,6 +136,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API, with a web chat at /")
+    _engine_args(p)
+    p.add_argument("model_arg", nargs="?", metavar="MODEL", help="same as --model")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on API routes (default: $PAGODA_API_KEY, else none)")
+    p.add_argument("--served-model-name", default=None, help="the model name clients use (default: the file name)")
+    p.add_argument("--max-waiting", type=int, default=None,
+                   help="queued requests beyond which new ones get 503 with Retry-After (default: no limit)")
+    p.add_argument("--request-timeout", type=float, default=None,
+                   help="seconds a request may take before it is aborted (default: no limit)")
+    p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("chat", help="interactive chat in the terminal, on a local engine or a server (--url)")
+    _engine_args(p)
+    p.add_argument("--url", default=None, help="talk to a running server, e.g. http://127.0.0.1:8000")
+    p.add_argument("--api-key", default=None, help="API key for --url")
+    p.add_argument("--system", default=None, help="a system message to start the conversation with")
+    p.add_argument("--max-tokens", type=int, default=512, help="tokens per answer at most (default: 512)")
+    p.add_argument("--temperature", type=float, default=0.7, help="(default: 0.7)")
+    p.set_defaults(func=cmd_chat)
     return parser
 
 

@@ -51,3 +51,18 @@ def llm(smollm_gguf):
     from pagoda import LLM
 
     return LLM(str(smollm_gguf), dtype="float32", kv_cache_memory="256MiB", progress=False)
+
+
+API_KEY = "test-key-123"
+
+
+@pytest.fixture(scope="session")
+def server(smollm_gguf, tmp_path_factory):
+    """`pagoda serve` on the default model in a child process: API key API_KEY, served as "smol"."""
+    from tests.servers import ServerProcess
+
+    proc = ServerProcess(smollm_gguf, "--api-key", API_KEY, "--served-model-name", "smol",
+                         "--kv-cache-memory", "512MiB", "--max-model-len", "2048",
+                         log_dir=tmp_path_factory.mktemp("server")).start()
+    yield proc
+    proc.stop()

@@ -7,8 +7,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
-from gguf import quants
+from gguf import GGML_QUANT_SIZES, quants
+from gguf import GGMLQuantizationType as T
 
 from pagoda.loader.dequant import SUPPORTED_TYPES, dequantize
 from pagoda.loader.gguf_file import GGUFFile

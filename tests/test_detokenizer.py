@@ -5,11 +5,11 @@ from __future__ import annotations
 import random
 
 import pytest
+from test_tokenizer import sentencepiece_metadata
 
 from pagoda.loader.gguf_file import GGUFFile
 from pagoda.tokenizer.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from pagoda.tokenizer.tokenizer import Tokenizer
-from test_tokenizer import sentencepiece_metadata
 
 SAMPLES = [
     "Hello world, this is a test.",

@@ -49,6 +49,18 @@ class EngineConfig:
             raise ValueError(f"dtype {self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}") from None
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """The engine's state after a step, for metrics. Counts are of scheduler requests (n samples = n)."""
+
+    num_running: int
+    num_waiting: int
+    num_blocks: int
+    num_free_blocks: int  # includes free blocks that still hold a reusable cached prefix
+    kv_cache_usage: float  # fraction of blocks held by requests
+    num_preemptions_total: int
+
+
 class PromptTooLongError(SamplingParamsError):
     """The prompt cannot fit the context window (OpenAI code: context_length_exceeded)."""
 
@@ -95,10 +107,7 @@ class LLMEngine:
         (SamplingParamsError with .param) for anything wrong, having changed nothing."""
         if self.output_processor.has(request_id):
             raise ValueError(f"request id {request_id!r} is already in use")
-        if isinstance(prompt, str):
-            text, prompt_ids = prompt, self.tokenizer.encode(prompt)
-        else:
-            text, prompt_ids = None, [int(t) for t in prompt]
+        text, prompt_ids = self.process_prompt(prompt)
         self.validate_prompt(prompt_ids, params)
         max_tokens = self.max_model_len - len(prompt_ids)
         if params.max_tokens is not None:
@@ -110,6 +119,12 @@ class LLMEngine:
             self.scheduler.add_request(Request(child_id(request_id, i), prompt_ids, params.child(i) if params.n > 1
                                                else params, eos, max_tokens, arrival_time=arrival))
         return prompt_ids
+
+    def process_prompt(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
+        """(text or None, token ids). Reads only immutable state: safe to call from any thread."""
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        return None, [int(t) for t in prompt]
 
     def validate_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
         vocab = self.model_config.vocab_size
@@ -141,6 +156,11 @@ class LLMEngine:
             if out is not None:
                 outputs.append(out)
         return outputs
+
+    def stats(self) -> EngineStats:
+        kv = self.scheduler.kv_cache
+        return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting, kv.num_blocks,
+                           kv.pool.num_free_blocks, kv.usage, self.scheduler.num_preemptions_total)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()

@@ -48,7 +48,9 @@ class _RequestState:
     def snapshot(self) -> RequestOutput:
         """A copy the caller may keep: later steps keep mutating the live CompletionOutputs."""
         outputs = [replace(s.output, token_ids=list(s.output.token_ids),
-                           logprobs=None if s.output.logprobs is None else list(s.output.logprobs))
+                           logprobs=None if s.output.logprobs is None else list(s.output.logprobs),
+                           delta_token_ids=list(s.output.delta_token_ids),
+                           delta_logprobs=list(s.output.delta_logprobs))
                    for s in self.samples]
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outputs,
                              finished=all(s.output.finished for s in self.samples),

@@ -15,7 +15,8 @@ from typing import Callable
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
 from gguf.constants import QK_K
 
 _NIBBLE_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)

@@ -50,6 +50,9 @@ class Tokenizer:
         self.chat_template: str | None = self.chat_templates.get("default")
         added = self._tok.get_added_tokens_decoder()
         self.all_special_ids: list[int] = sorted(i for i, t in added.items() if t.special)
+        self._special_id_set = frozenset(self.all_special_ids)
+        self._byte_level = '"ByteLevel"' in json.dumps(json.loads(hf_tokenizer.to_str()).get("decoder"))
+        self._token_bytes_cache: dict[int, bytes] = {}
 
     # ---------------------------------------------------------------- construction
 
@@ -145,6 +148,27 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes one token stands for (a token may hold part of a UTF-8 character), as OpenAI's
+        logprobs `bytes` field reports them."""
+        cached = self._token_bytes_cache.get(token_id)
+        if cached is None:
+            cached = self._token_bytes_cache[token_id] = self._compute_token_bytes(token_id)
+        return cached
+
+    def _compute_token_bytes(self, token_id: int) -> bytes:
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if token_id in self._special_id_set:
+            return piece.encode()
+        if self._byte_level:  # GPT-2 byte-level BPE: each character stands for one byte
+            return bytes(_BYTE_DECODER.get(ch, 0) for ch in piece) if all(c in _BYTE_DECODER for c in piece) \
+                else piece.encode()
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece byte fallback
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode()
+
     def apply_chat_template(
         self,
         messages: list[Mapping[str, Any]],
@@ -176,6 +200,19 @@ class Tokenizer:
 
 
 # ---------------------------------------------------------------- HF directory helpers
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters (byte-level BPE vocabularies use it)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    extra = (b for b in range(256) if b not in printable)
+    mapping = {b: chr(b) for b in printable}
+    mapping.update({b: chr(256 + i) for i, b in enumerate(extra)})
+    return mapping
+
+
+_BYTE_DECODER = {ch: b for b, ch in _bytes_to_unicode().items()}
 
 
 def _read_json(path: Path) -> dict:

@@ -1,0 +1,217 @@
+"""AsyncEngine: runs the LLMEngine loop on a background thread and gives each request an async stream.
+
+Threading contract (the only place pagoda has two threads):
+- The engine thread owns the LLMEngine: it alone calls add_request / abort_request / step.
+- The event loop talks to it through a command queue (add, abort); the engine thread drains the queue before
+  every step, so an abort takes effect within one step, and hands each step's outputs back with a single
+  `call_soon_threadsafe`.
+- Prompt tokenization and validation run on the caller's side (they read only immutable engine state), so a bad
+  request is refused before it reaches the engine.
+
+A thread rather than a process: the model's heavy work runs in torch kernels that release the GIL, and the event
+loop only needs a few milliseconds per step; docs/architecture.md has the measurement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+
+from pagoda.engine.llm_engine import EngineStats, LLMEngine
+from pagoda.engine.outputs import RequestOutput
+from pagoda.sampling_params import SamplingParams
+
+logger = logging.getLogger("pagoda")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped on an unexpected error; no request can be served until a restart."""
+
+
+class EngineOverloadedError(RuntimeError):
+    """Too many requests are already waiting (`max_waiting`); the client should retry later."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed this request (e.g. an exception inside its step); other requests go on."""
+
+
+class RequestTimeoutError(TimeoutError):
+    """The request ran past its deadline and was aborted."""
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt_ids: list[int]
+    prompt_text: str | None
+    params: SamplingParams
+    arrival_time: float
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+_STOP = object()  # command: leave the loop
+StepListener = Callable[[EngineStats, list[RequestOutput]], None]
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, *, max_waiting: int | None = None,
+                 step_listener: StepListener | None = None):
+        """`max_waiting`: refuse new requests while this many are queued and not yet running (None: no limit).
+        `step_listener` is called on the engine thread after every step, with the engine's stats and the step's
+        outputs (for metrics); it must be quick and thread-safe."""
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.max_waiting = max_waiting
+        self._step_listener = step_listener
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._num_waiting = 0  # requests not yet scheduled, as last seen by the engine thread
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self.dead_error: BaseException | None = None
+
+    # ---- lifecycle ---------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the engine thread; call from the event loop that will consume the streams."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="pagoda-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._commands.put(_STOP)
+            self._thread.join(timeout)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.dead_error is None
+
+    # ---- requests (event-loop side) ----------------------------------------------------------------------
+
+    @staticmethod
+    def new_request_id(prefix: str) -> str:
+        return f"{prefix}-{uuid.uuid4().hex}"
+
+    def prepare(self, prompt: str | Sequence[int], params: SamplingParams) -> tuple[str | None, list[int]]:
+        """Tokenize and validate a prompt without queueing it. Raises SamplingParamsError (and subclasses)."""
+        text, prompt_ids = self.engine.process_prompt(prompt)
+        self.engine.validate_prompt(prompt_ids, params)
+        return text, prompt_ids
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *,
+                       prompt_text: str | None = None, timeout: float | None = None
+                       ) -> AsyncIterator[RequestOutput]:
+        """Queue a prepared request and yield its outputs until it finishes. Leaving the iteration early
+        (client gone, task cancelled) aborts the request. Raises EngineDeadError, EngineOverloadedError,
+        RequestFailedError or RequestTimeoutError."""
+        self.check_accepting()
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = stream
+        self._num_waiting += 1  # counted until the engine thread reports again, so a burst is seen at once
+        self._commands.put(_Add(request_id, prompt_ids, prompt_text, params, time.monotonic()))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        finished = False
+        try:
+            while True:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise RequestTimeoutError(f"the request did not finish within {timeout:g} s")
+                try:
+                    item = await asyncio.wait_for(stream.get(), remaining)
+                except asyncio.TimeoutError:
+                    raise RequestTimeoutError(f"the request did not finish within {timeout:g} s") from None
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                if item.error is not None:
+                    finished = True
+                    raise RequestFailedError(item.error)
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._commands.put(_Abort(request_id))
+
+    def check_accepting(self) -> None:
+        if self.dead_error is not None:
+            raise EngineDeadError(f"the engine stopped: {self.dead_error!r}")
+        if self.max_waiting is not None and self._num_waiting >= self.max_waiting:
+            raise EngineOverloadedError(f"{self._num_waiting} requests are already waiting; retry later")
+
+    # ---- the engine thread -------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while True:
+                idle = not engine.has_unfinished_requests()
+                if not self._apply_commands(block=idle):
+                    return
+                outputs = engine.step()
+                stats = engine.stats()
+                if self._step_listener is not None:
+                    self._step_listener(stats, outputs)
+                self._deliver(outputs, stats.num_waiting)
+        except BaseException as exc:  # noqa: BLE001 - an engine bug: fail every stream, report unhealthy
+            logger.exception("the engine loop died")
+            self.dead_error = exc
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(f"the engine stopped: {exc!r}"))
+
+    def _apply_commands(self, block: bool) -> bool:
+        """Apply every queued command; when `block`, wait for at least one. False when asked to stop."""
+        outputs: list[RequestOutput] = []
+        while True:
+            try:
+                command = self._commands.get(block=block)
+            except queue.Empty:
+                break
+            block = False
+            if command is _STOP:
+                return False
+            if isinstance(command, _Add):
+                try:
+                    self.engine.add_request(command.request_id, command.prompt_ids, command.params,
+                                            arrival_time=command.arrival_time)
+                except ValueError as exc:  # validated already; only a race (e.g. duplicate id) lands here
+                    self._loop.call_soon_threadsafe(self._put, command.request_id, RequestFailedError(str(exc)))
+            else:
+                outputs.extend(self.engine.abort_request(command.request_id))
+        if outputs:  # aborted requests' streams are gone; nothing to deliver, but the listener counts them
+            if self._step_listener is not None:
+                self._step_listener(self.engine.stats(), outputs)
+        return True
+
+    def _deliver(self, outputs: list[RequestOutput], num_waiting: int) -> None:
+        self._loop.call_soon_threadsafe(self._dispatch, outputs, num_waiting)
+
+    # ---- event-loop callbacks ----------------------------------------------------------------------------
+
+    def _dispatch(self, outputs: list[RequestOutput], num_waiting: int) -> None:
+        self._num_waiting = num_waiting
+        for out in outputs:
+            self._put(out.request_id, out)
+
+    def _put(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put_nowait(item)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for stream in self._streams.values():
+            stream.put_nowait(error)

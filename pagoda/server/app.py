@@ -1,0 +1,547 @@
+"""The HTTP server: FastAPI app with OpenAI-compatible routes, SSE streaming, errors in OpenAI's shape, API-key
+auth, health, metrics and the web chat page.
+
+The app starts listening before the model is loaded (GET /health answers 503 until it is ready); the engine then
+runs on its own thread (engine/async_engine.py). Every request is validated completely before it is queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import pagoda
+from pagoda.engine.async_engine import (
+    AsyncEngine,
+    EngineDeadError,
+    EngineOverloadedError,
+    RequestFailedError,
+    RequestTimeoutError,
+)
+from pagoda.engine.llm_engine import EngineConfig, LLMEngine
+from pagoda.engine.outputs import RequestOutput
+from pagoda.sampling_params import SamplingParams, SamplingParamsError
+from pagoda.server import responses as R
+from pagoda.server.metrics import CONTENT_TYPE, ServerMetrics
+from pagoda.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+
+logger = logging.getLogger("pagoda.server")
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+
+@dataclass
+class ServerSettings:
+    engine: EngineConfig
+    served_model_name: str | None = None  # default: the model argument's last path component
+    api_key: str | None = None
+    request_timeout: float | None = None  # seconds from arrival to the last token; None: no limit
+    max_waiting: int | None = None  # queued requests beyond which new ones get 503 + Retry-After
+    progress: bool = False  # progress bars while loading (the CLI's terminal)
+    url: str | None = None  # where clients reach us, for the log line that says we are ready
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.engine.model).name.removesuffix(".gguf")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(R.error_body(self.message, self.type, self.param, self.code), self.status,
+                            headers=self.headers)
+
+
+def api_error_from(exc: BaseException) -> APIError:
+    """The HTTP answer for an exception raised while preparing or running a request."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, SamplingParamsError):
+        return APIError(400, str(exc), param=exc.param, code=getattr(exc, "code", None))
+    if isinstance(exc, EngineOverloadedError):
+        return APIError(503, str(exc), "server_error", code="overloaded", headers={"Retry-After": "1"})
+    if isinstance(exc, EngineDeadError):
+        return APIError(500, str(exc), "server_error", code="engine_dead")
+    if isinstance(exc, RequestTimeoutError):
+        return APIError(504, str(exc), "server_error", code="timeout")
+    if isinstance(exc, RequestFailedError):
+        return APIError(500, f"the engine failed this request: {exc}", "server_error", code="engine_error")
+    if isinstance(exc, ValueError):  # e.g. a chat template that raised, a model without a template
+        return APIError(400, str(exc))
+    logger.exception("unexpected error", exc_info=exc)
+    return APIError(500, f"internal error: {type(exc).__name__}", "server_error")
+
+
+@dataclass
+class ServerState:
+    settings: ServerSettings
+    metrics: ServerMetrics
+    engine: AsyncEngine | None = None
+    load_error: BaseException | None = None
+    started: float = field(default_factory=time.time)
+
+    def ready_engine(self) -> AsyncEngine:
+        if self.engine is None:
+            if self.load_error is not None:
+                raise APIError(503, f"the model failed to load: {self.load_error}", "server_error",
+                               code="load_failed")
+            raise APIError(503, "the model is still loading; retry shortly", "server_error", code="loading",
+                           headers={"Retry-After": "2"})
+        if self.engine.dead_error is not None:
+            raise APIError(503, f"the engine stopped: {self.engine.dead_error!r}", "server_error",
+                           code="engine_dead")
+        return self.engine
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in (self.settings.model_name, self.settings.engine.model):
+            raise APIError(404, f"The model `{model}` does not exist. This server serves "
+                                f"`{self.settings.model_name}`.", param="model", code="model_not_found")
+
+
+def create_app(settings: ServerSettings, engine: LLMEngine | None = None) -> FastAPI:
+    """The app. Given an `engine`, it serves that one; otherwise it loads settings.engine on start-up."""
+    state = ServerState(settings, ServerMetrics(settings.model_name))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loop = asyncio.get_running_loop()
+
+        def serve(llm_engine: LLMEngine) -> None:
+            async_engine = AsyncEngine(llm_engine, max_waiting=settings.max_waiting,
+                                       step_listener=state.metrics.on_step)
+            async_engine.start()
+            state.engine = async_engine
+            logger.info("ready: serving %s%s", settings.model_name, f" at {settings.url}" if settings.url else "")
+
+        def load() -> None:
+            try:
+                llm_engine = LLMEngine(settings.engine, progress=settings.progress)
+            except BaseException as exc:  # noqa: BLE001 - reported by /health and every route
+                logger.exception("loading %s failed", settings.engine.model)
+                state.load_error = exc
+                return
+            loop.call_soon_threadsafe(serve, llm_engine)
+
+        if engine is not None:
+            serve(engine)
+        else:
+            threading.Thread(target=load, name="pagoda-load", daemon=True).start()
+        yield
+        if state.engine is not None:
+            state.engine.shutdown()
+
+    app = FastAPI(title="Pagoda", version=pagoda.__version__, lifespan=lifespan)
+    app.state.pagoda = state
+    _install_error_handlers(app)
+
+    async def require_api_key(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+            raise APIError(401, "Incorrect API key provided. Send it as 'Authorization: Bearer <key>'.",
+                           code="invalid_api_key")
+
+    auth = [Depends(require_api_key)]
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse((STATIC_DIR / "index.html").read_text(encoding="utf-8"))
+
+    @app.get("/health")
+    async def health() -> Response:
+        try:
+            state.ready_engine()
+        except APIError as exc:
+            return exc.response()
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": pagoda.__version__}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models() -> dict[str, Any]:
+        engine = state.engine
+        return {"object": "list", "data": [{
+            "id": settings.model_name, "object": "model", "created": int(state.started), "owned_by": "pagoda",
+            "root": settings.engine.model, "max_model_len": engine.engine.max_model_len if engine else None}]}
+
+    @app.post("/tokenize", dependencies=auth)
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        state.check_model(body.model)
+        tokenizer = state.ready_engine().tokenizer
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of 'prompt' and 'messages'", param="prompt")
+        if body.messages is not None:
+            text = _render_chat(tokenizer, [m.to_template(i) for i, m in enumerate(body.messages)],
+                                body.add_generation_prompt, {})
+            ids = tokenizer.encode(text, add_special_tokens=False)
+        else:
+            ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        engine = state.ready_engine().engine
+        return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize", dependencies=auth)
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        state.check_model(body.model)
+        engine = state.ready_engine()
+        vocab = engine.engine.model_config.vocab_size
+        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is outside the vocabulary [0, {vocab})", param="tokens")
+        return {"prompt": engine.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        state.check_model(body.model)
+        engine = state.ready_engine()
+        if body.suffix:
+            raise APIError(400, "suffix (fill-in-the-middle) is not supported by this server", param="suffix")
+        params = body.sampling_params(body.max_tokens, body.logprobs)
+        if body.echo and body.logprobs is not None:
+            raise APIError(400, "echo together with logprobs (prompt logprobs) is not supported; "
+                                "drop one of them", param="echo")
+        prepared = [engine.prepare(p, params) for p in body.prompts()]
+        jobs = [_Job(engine.new_request_id("cmpl"), text, ids, params) for text, ids in prepared]
+        return await _respond(request, engine, body.stream, _CompletionFormatter(engine, body, jobs),
+                              settings.request_timeout)
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        state.check_model(body.model)
+        engine = state.ready_engine()
+        body.check_supported()
+        params = body.sampling_params(body.effective_max_tokens(), body.logprobs_k())
+        text = _render_chat(engine.tokenizer, body.template_messages(), body.add_generation_prompt,
+                            body.template_kwargs())
+        prompt_ids = engine.tokenizer.encode(text, add_special_tokens=False)
+        _, prompt_ids = engine.prepare(prompt_ids, params)
+        jobs = [_Job(engine.new_request_id("chatcmpl"), None, prompt_ids, params)]
+        return await _respond(request, engine, body.stream, _ChatFormatter(engine, body, jobs),
+                              settings.request_timeout)
+
+    return app
+
+
+def _render_chat(tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                 kwargs: dict[str, Any]) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+    except ValueError as exc:
+        raise APIError(400, f"the chat template could not format these messages: {exc}", param="messages") from exc
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(SamplingParamsError)
+    async def on_params_error(request: Request, exc: SamplingParamsError) -> JSONResponse:
+        return api_error_from(exc).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":
+            return APIError(400, f"We could not parse the JSON body of your request: {first.get('msg')}",
+                            code="invalid_json").response()
+        loc = [p for p in first.get("loc", ()) if p != "body"]
+        if first.get("type") == "missing" and not loc:
+            return APIError(400, "the request body must be a JSON object").response()
+        param = _param_path(loc)
+        details = "; ".join(f"{_param_path([p for p in e.get('loc', ()) if p != 'body']) or 'body'}: {e.get('msg')}"
+                            for e in errors[:5])
+        return APIError(400, f"Invalid request: {details}", param=param or None,
+                        code="missing_required_parameter" if first.get("type") == "missing" else "invalid_type"
+                        ).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return JSONResponse(R.error_body(str(exc.detail), type_, None, code), exc.status_code)
+
+
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
+
+
+def _param_path(loc) -> str:
+    """pydantic's error location as OpenAI's `param`: "messages[0].content"."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif "[" in part or part in _UNION_TAGS or part.startswith("function-"):
+            continue  # pydantic's label of a union member (e.g. "list[int]"), not a field name
+        else:
+            path += ("." if path else "") + str(part)
+    return path
+
+
+# ---- running requests ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    """One engine request of an HTTP request (a completions request may hold several prompts)."""
+
+    request_id: str
+    prompt_text: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+async def _merged(engine: AsyncEngine, jobs: list[_Job], timeout: float | None
+                  ) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """The outputs of all jobs as they come, tagged with the job's index. Leaving early aborts every job."""
+    if len(jobs) == 1:
+        job = jobs[0]
+        async for out in engine.generate(job.request_id, job.prompt_ids, job.params, prompt_text=job.prompt_text,
+                                         timeout=timeout):
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(index: int, job: _Job) -> None:
+        try:
+            async for out in engine.generate(job.request_id, job.prompt_ids, job.params,
+                                             prompt_text=job.prompt_text, timeout=timeout):
+                queue.put_nowait((index, out))
+            queue.put_nowait((index, done))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer
+            queue.put_nowait((index, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, job)) for i, job in enumerate(jobs)]
+    try:
+        remaining = len(jobs)
+        while remaining:
+            index, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _Formatter(ABC):
+    """Turns the jobs' outputs into one OpenAI response (whole or streamed). Choice index = job * n + sample."""
+
+    chunk_object = ""
+
+    def __init__(self, engine: AsyncEngine, body, jobs: list[_Job], prefix: str):
+        self.engine = engine
+        self.body = body
+        self.jobs = jobs
+        self.n = body.n
+        self.ids = R.ResponseIds(jobs[0].request_id if len(jobs) == 1 else engine.new_request_id(prefix),
+                                 body.model or "")
+        self.logprobs = R.LogprobsFormatter(engine.tokenizer)
+        self._finished: set[int] = set()
+
+    def first_finish(self, index: int) -> bool:
+        """True the first time choice `index` is seen finished (later outputs repeat the final state)."""
+        if index in self._finished:
+            return False
+        self._finished.add(index)
+        return True
+
+    @abstractmethod
+    def final(self, outputs: list[RequestOutput]) -> dict[str, Any]:
+        """The whole response, from each job's final output."""
+
+    @abstractmethod
+    def first_chunks(self) -> list[dict[str, Any]]:
+        """Stream chunks sent before any token (chat: the role; completions: the echoed prompt)."""
+
+    @abstractmethod
+    def chunks(self, job: int, out: RequestOutput) -> list[dict[str, Any]]:
+        """Stream chunks for one step's output of a job."""
+
+
+class _CompletionFormatter(_Formatter):
+    chunk_object = "text_completion"
+
+    def __init__(self, engine: AsyncEngine, body: CompletionRequest, jobs: list[_Job]):
+        super().__init__(engine, body, jobs, "cmpl")
+        self.offsets: dict[int, int] = {}
+
+    def _echo(self, job: _Job) -> str:
+        if not self.body.echo:
+            return ""
+        if job.prompt_text is not None:
+            return job.prompt_text
+        return self.engine.tokenizer.decode(job.prompt_ids, skip_special_tokens=False)
+
+    def final(self, outputs: list[RequestOutput]) -> dict[str, Any]:
+        choices = []
+        for j, out in enumerate(outputs):
+            echo = self._echo(self.jobs[j])
+            for sample in out.outputs:
+                logprobs = None if sample.logprobs is None else self.logprobs.completion(sample.logprobs, len(echo))
+                choices.append(R.completion_choice(j * self.n + sample.index, echo + sample.text,
+                                                   sample.finish_reason, logprobs, sample.stop_reason))
+        return {**self.ids.base("text_completion"), "choices": choices, "usage": R.usage_of(outputs)}
+
+    def first_chunks(self) -> list[dict[str, Any]]:
+        chunks = []
+        for j, job in enumerate(self.jobs):
+            echo = self._echo(job)
+            for i in range(self.n):
+                self.offsets[j * self.n + i] = len(echo)
+                if echo:
+                    chunks.append(R.completion_chunk(self.ids, j * self.n + i, echo))
+        return chunks
+
+    def chunks(self, job: int, out: RequestOutput) -> list[dict[str, Any]]:
+        chunks = []
+        for sample in out.outputs:
+            index = job * self.n + sample.index
+            if sample.delta_text or sample.delta_token_ids:
+                logprobs = None
+                if sample.logprobs is not None:
+                    logprobs = self.logprobs.completion(sample.delta_logprobs, self.offsets.get(index, 0))
+                self.offsets[index] = self.offsets.get(index, 0) + len(sample.delta_text)
+                chunks.append(R.completion_chunk(self.ids, index, sample.delta_text, None, logprobs))
+            if sample.finish_reason is not None and self.first_finish(index):
+                chunks.append(R.completion_chunk(self.ids, index, "", sample.finish_reason))
+        return chunks
+
+
+class _ChatFormatter(_Formatter):
+    chunk_object = "chat.completion.chunk"
+
+    def __init__(self, engine: AsyncEngine, body: ChatCompletionRequest, jobs: list[_Job]):
+        super().__init__(engine, body, jobs, "chatcmpl")
+
+    def final(self, outputs: list[RequestOutput]) -> dict[str, Any]:
+        [out] = outputs
+        choices = [R.chat_choice(s.index, s.text, s.finish_reason,
+                                 None if s.logprobs is None else self.logprobs.chat(s.logprobs), s.stop_reason)
+                   for s in out.outputs]
+        return {**self.ids.base("chat.completion"), "choices": choices, "usage": R.usage_of(outputs)}
+
+    def first_chunks(self) -> list[dict[str, Any]]:
+        return [R.chat_chunk(self.ids, i, {"role": "assistant", "content": ""}) for i in range(self.n)]
+
+    def chunks(self, job: int, out: RequestOutput) -> list[dict[str, Any]]:
+        chunks = []
+        for sample in out.outputs:
+            if sample.delta_text or sample.delta_token_ids:
+                logprobs = None if sample.logprobs is None else self.logprobs.chat(sample.delta_logprobs)
+                chunks.append(R.chat_chunk(self.ids, sample.index, {"content": sample.delta_text}, None, logprobs))
+            if sample.finish_reason is not None and self.first_finish(sample.index):
+                chunks.append(R.chat_chunk(self.ids, sample.index, {}, sample.finish_reason))
+        return chunks
+
+
+async def _respond(request: Request, engine: AsyncEngine, stream: bool, formatter: _Formatter,
+                   timeout: float | None) -> Response:
+    try:  # refuse before any work (and before a stream's 200 is sent)
+        engine.check_accepting()
+    except Exception as exc:  # noqa: BLE001
+        raise api_error_from(exc) from exc
+    if formatter.body.model is None:
+        formatter.ids.model = request.app.state.pagoda.settings.model_name
+    if stream:
+        return StreamingResponse(_stream(engine, formatter, timeout), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def collect() -> dict[str, Any]:
+        finals: dict[int, RequestOutput] = {}
+        async for job, out in _merged(engine, formatter.jobs, timeout):
+            if out.finished:
+                finals[job] = out
+        return formatter.final([finals[j] for j in range(len(formatter.jobs))])
+
+    try:
+        body = await _unless_disconnected(request, collect())
+    except _ClientGone:
+        return Response(status_code=499)
+    except Exception as exc:  # noqa: BLE001
+        raise api_error_from(exc) from exc
+    return JSONResponse(body)
+
+
+async def _stream(engine: AsyncEngine, formatter: _Formatter, timeout: float | None) -> AsyncIterator[str]:
+    """SSE body. A client disconnect cancels this generator (Starlette listens for it), which aborts the jobs."""
+    include_usage = formatter.body.include_usage_in_stream
+    finals: dict[int, RequestOutput] = {}
+
+    def event(chunk: dict[str, Any]) -> str:
+        if include_usage:
+            chunk["usage"] = None
+        return R.sse(chunk)
+
+    try:
+        for chunk in formatter.first_chunks():
+            yield event(chunk)
+        async for job, out in _merged(engine, formatter.jobs, timeout):
+            for chunk in formatter.chunks(job, out):
+                yield event(chunk)
+            if out.finished:
+                finals[job] = out
+        if include_usage:
+            yield R.sse({**formatter.ids.base(formatter.chunk_object), "choices": [],
+                         "usage": R.usage_of([finals[j] for j in sorted(finals)])})
+    except Exception as exc:  # noqa: BLE001 - the status line is sent already: report in-band
+        error = api_error_from(exc)
+        yield R.sse(R.error_body(error.message, error.type, error.param, error.code))
+    yield R.SSE_DONE
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """Await `work`, cancelling it (which aborts its engine requests) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        watcher.cancel()
+    if task.cancelled():
+        raise _ClientGone()
+    return task.result()

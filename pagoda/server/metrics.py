@@ -1,0 +1,92 @@
+"""Prometheus metrics under the names vLLM users already chart (`vllm:*`), plus pagoda's exact block counts.
+
+Updated from the engine thread after every step (prometheus_client is thread-safe); served by GET /metrics.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from pagoda.engine.llm_engine import EngineStats
+from pagoda.engine.outputs import RequestOutput
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                    20.0, 40.0, 80.0, 160.0, 640.0)
+_TOKEN_LATENCY_BUCKETS = (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
+                          0.5, 0.75, 1.0, 2.5, 5.0)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str):
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        r = self.registry
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, labels, registry=r).labels(model_name)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, labels, registry=r).labels(model_name)
+
+        def histogram(name: str, doc: str, buckets) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=r).labels(model_name)
+
+        self.running = gauge("vllm:num_requests_running", "Requests in the running batch (one per sample).")
+        self.waiting = gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled (one per sample).")
+        self.kv_usage = gauge("vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks held by requests (0-1).")
+        self.kv_blocks_total = gauge("pagoda:kv_cache_blocks_total", "KV-cache blocks in the pool.")
+        self.kv_blocks_used = gauge("pagoda:kv_cache_blocks_used", "KV-cache blocks held by requests.")
+        self.preemptions = counter("vllm:num_preemptions", "Requests preempted (recomputed later) for lack of blocks.")
+        self.prompt_tokens = counter("vllm:prompt_tokens", "Prompt tokens of requests that produced output.")
+        self.generation_tokens = counter("vllm:generation_tokens", "Generated tokens.")
+        self.success = Counter("vllm:request_success", "Finished requests, by finish reason.",
+                               ["model_name", "finished_reason"], registry=r)
+        self.ttft = histogram("vllm:time_to_first_token_seconds", "Time to first token.", _LATENCY_BUCKETS)
+        self.tpot = histogram("vllm:time_per_output_token_seconds", "Mean time per output token after the first.",
+                              _TOKEN_LATENCY_BUCKETS)
+        self.e2e = histogram("vllm:e2e_request_latency_seconds", "Arrival to finish.", _LATENCY_BUCKETS)
+        self.queue_time = histogram("vllm:request_queue_time_seconds", "Arrival to first scheduled.",
+                                    _LATENCY_BUCKETS)
+        self._model_name = model_name
+        self._preemptions_seen = 0
+        self._first_token_seen: set[str] = set()
+
+    def on_step(self, stats: EngineStats, outputs: list[RequestOutput]) -> None:
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        self.kv_usage.set(stats.kv_cache_usage)
+        self.kv_blocks_total.set(stats.num_blocks)
+        self.kv_blocks_used.set(stats.num_blocks - stats.num_free_blocks)
+        if stats.num_preemptions_total > self._preemptions_seen:
+            self.preemptions.inc(stats.num_preemptions_total - self._preemptions_seen)
+            self._preemptions_seen = stats.num_preemptions_total
+        for out in outputs:
+            generated = sum(len(o.delta_token_ids) for o in out.outputs)
+            if generated:
+                self.generation_tokens.inc(generated)
+            if out.request_id not in self._first_token_seen and out.num_generated_tokens:
+                self._first_token_seen.add(out.request_id)
+                self.prompt_tokens.inc(len(out.prompt_token_ids))
+            if out.finished:
+                self._first_token_seen.discard(out.request_id)
+                self._observe_finished(out)
+
+    def _observe_finished(self, out: RequestOutput) -> None:
+        for sample in out.outputs:
+            self.success.labels(self._model_name, sample.finish_reason or "abort").inc()
+        m = out.metrics
+        if m is None or m.finished_time is None:
+            return
+        self.e2e.observe(m.finished_time - m.arrival_time)
+        if m.first_scheduled_time is not None:
+            self.queue_time.observe(m.first_scheduled_time - m.arrival_time)
+        if m.first_token_time is not None:
+            self.ttft.observe(m.first_token_time - m.arrival_time)
+            longest = max(len(o.token_ids) for o in out.outputs)
+            if longest > 1 and m.last_token_time is not None:
+                self.tpot.observe((m.last_token_time - m.first_token_time) / (longest - 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

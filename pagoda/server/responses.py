@@ -1,0 +1,109 @@
+"""Response bodies in OpenAI's shapes: completions and chat completions, whole or as stream chunks, with usage
+and logprobs. Plain dicts (one per chunk, serialized once), built from the engine's RequestOutputs."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from pagoda.core.outputs import TokenLogprobs
+from pagoda.engine.outputs import RequestOutput
+from pagoda.tokenizer.tokenizer import Tokenizer
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    """One server-sent event."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+SSE_DONE = sse("[DONE]")
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | int | None = None
+               ) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    body: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                            "total_tokens": prompt_tokens + completion_tokens}
+    if cached_tokens:
+        body["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return body
+
+
+def usage_of(outputs: Sequence[RequestOutput]) -> dict[str, Any]:
+    return usage(sum(len(o.prompt_token_ids) for o in outputs), sum(o.num_generated_tokens for o in outputs),
+                 sum(o.num_cached_tokens for o in outputs))
+
+
+class LogprobsFormatter:
+    """OpenAI's two logprobs shapes: chat's `content` list and the legacy completions table."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def _text(self, token_id: int) -> str:
+        return self.tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
+
+    def chat(self, logprobs: Sequence[TokenLogprobs]) -> dict[str, Any]:
+        def entry(token_id: int, logprob: float) -> dict[str, Any]:
+            return {"token": self._text(token_id), "logprob": _finite(logprob),
+                    "bytes": list(self.tokenizer.token_bytes(token_id))}
+
+        return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+                            for lp in logprobs],
+                "refusal": None}
+
+    def completion(self, logprobs: Sequence[TokenLogprobs], text_offset: int) -> dict[str, Any]:
+        tokens, token_logprobs, top, offsets = [], [], [], []
+        for lp in logprobs:
+            text = self._text(lp.token_id)
+            tokens.append(text)
+            token_logprobs.append(_finite(lp.logprob))
+            top.append({self._text(t): _finite(v) for t, v in lp.top})
+            offsets.append(text_offset)
+            text_offset += len(text)
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def _finite(value: float) -> float:
+    """JSON has no -inf; OpenAI reports impossible tokens with a very large negative number."""
+    return max(float(value), -9999.0)
+
+
+class ResponseIds:
+    def __init__(self, request_id: str, model: str):
+        self.id = request_id
+        self.model = model
+        self.created = int(time.time())
+
+    def base(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+
+def completion_choice(index: int, text: str, finish_reason: str | None, logprobs: dict[str, Any] | None,
+                      stop_reason: int | str | None) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
+            "stop_reason": stop_reason}
+
+
+def chat_choice(index: int, content: str, finish_reason: str | None, logprobs: dict[str, Any] | None,
+                stop_reason: int | str | None) -> dict[str, Any]:
+    return {"index": index, "message": {"role": "assistant", "content": content, "refusal": None,
+                                        "tool_calls": []},
+            "logprobs": logprobs, "finish_reason": finish_reason, "stop_reason": stop_reason}
+
+
+def chat_chunk(ids: ResponseIds, index: int, delta: dict[str, Any], finish_reason: str | None = None,
+               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {**ids.base("chat.completion.chunk"),
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+
+
+def completion_chunk(ids: ResponseIds, index: int, text: str, finish_reason: str | None = None,
+                     logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {**ids.base("text_completion"),
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
