@@ -1,4 +1,4 @@
-"""The `pagoda` command: pull, list, generate, serve, chat."""
+"""The `pagoda` command: pull, list, generate, serve, chat, bench."""
 
 from __future__ import annotations
 
@@ -108,6 +108,94 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return run_chat(backend, system=args.system, temperature=args.temperature, max_tokens=args.max_tokens)
 
 
+def _workload_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-prompts", type=int, default=100, help="requests to send (default: 100)")
+    p.add_argument("--input-len", type=int, default=None,
+                   help="tokens per synthetic prompt (default: 128 unless --dataset is given)")
+    p.add_argument("--dataset", default=None, metavar="PATH",
+                   help='JSONL ({"prompt": ..., "output_len": optional} per line) or ShareGPT JSON')
+    p.add_argument("--output-len", type=int, default=None,
+                   help="tokens to generate per request (default: the dataset's own, else 128)")
+    p.add_argument("--output-len-range", default=None, metavar="MIN:MAX",
+                   help="draw each request's output length uniformly from MIN..MAX (overrides --output-len)")
+    p.add_argument("--seed", type=int, default=0, help="seed for prompts, output lengths and arrivals (default: 0)")
+    p.add_argument("--result-json", default=None, metavar="PATH", help="write the full result as JSON")
+
+
+def _workload_spec(args: argparse.Namespace):
+    from pathlib import Path
+
+    from pagoda.bench.workload import DEFAULT_INPUT_LEN, WorkloadSpec, parse_length_range
+
+    input_len = args.input_len if args.input_len is not None or args.dataset else DEFAULT_INPUT_LEN
+    return WorkloadSpec(num_prompts=args.num_prompts, input_len=input_len,
+                        dataset=Path(args.dataset) if args.dataset else None, output_len=args.output_len,
+                        output_len_range=parse_length_range(args.output_len_range) if args.output_len_range else None,
+                        seed=args.seed)
+
+
+def _workload_json(spec) -> dict:
+    from dataclasses import asdict
+
+    return {**asdict(spec), "dataset": str(spec.dataset) if spec.dataset else None}
+
+
+def _write_result_json(path: str | None, result: dict) -> None:
+    import json
+    from pathlib import Path
+
+    if path:
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    import math
+    import os
+
+    from pagoda.bench.serve import ServeConfig, run_serve_benchmark
+    from pagoda.bench.stats import format_summary
+    from pagoda.bench.workload import build_workload, load_tokenizer
+    from pagoda.model_store import DEFAULT_MODEL, ModelNotFoundError
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request would bury the progress bar
+    tokenizer_name = args.tokenizer or args.model or DEFAULT_MODEL
+    try:
+        tokenizer = load_tokenizer(tokenizer_name)
+    except ModelNotFoundError as exc:
+        hint = "" if args.tokenizer else " (it comes from --model; pass --tokenizer with a local model of the server)"
+        raise ValueError(f"cannot load a tokenizer for {tokenizer_name!r}{hint}: {exc}") from None
+    spec = _workload_spec(args)
+    requests = build_workload(spec, tokenizer)
+    config = ServeConfig(url=args.url.rstrip("/"), endpoint=args.endpoint, model=args.model,
+                         api_key=args.api_key or os.environ.get("PAGODA_API_KEY") or None,
+                         concurrency=args.concurrency,
+                         request_rate=args.request_rate if args.request_rate is not None else math.inf,
+                         ignore_eos=args.ignore_eos, new_connection_per_request=args.new_connection_per_request,
+                         warmup=args.warmup, seed=args.seed)
+    result = run_serve_benchmark(config, requests)
+    print(format_summary(result.summary))
+    _write_result_json(args.result_json, {**result.to_json(), "workload": _workload_json(spec),
+                                          "tokenizer": tokenizer_name})
+    return 0
+
+
+def cmd_bench_throughput(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from pagoda.bench.throughput import run_throughput_benchmark
+    from pagoda.bench.workload import build_workload
+    from pagoda.engine.llm_engine import LLMEngine
+
+    spec = _workload_spec(args)
+    config = _engine_config(args)
+    engine = LLMEngine(config, progress=True)
+    result = run_throughput_benchmark(engine, build_workload(spec, engine.tokenizer))
+    print(result.format())
+    _write_result_json(args.result_json, {"engine": asdict(config), "workload": _workload_json(spec),
+                                          "result": result.to_json()})
+    return 0
+
+
 def _version() -> str:
     from pagoda import __version__
 
@@ -160,6 +248,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=512, help="tokens per answer at most (default: 512)")
     p.add_argument("--temperature", type=float, default=0.7, help="(default: 0.7)")
     p.set_defaults(func=cmd_chat)
+
+    bench = sub.add_parser("bench", help="benchmarks: load on a server, or the offline engine's throughput")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    p = bench_sub.add_parser("serve", help="load-test any OpenAI-compatible server with streaming requests")
+    p.add_argument("--url", required=True, help="the server's base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--model", "-m", default=None, help="model name sent in the request body (default: none sent)")
+    p.add_argument("--tokenizer", default=None,
+                   help="registry name or path of the model whose tokenizer builds the prompts (default: --model, "
+                        "else the default model)")
+    p.add_argument("--endpoint", default="/v1/completions", choices=["/v1/completions", "/v1/chat/completions"],
+                   help="(default: /v1/completions)")
+    p.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY' (default: $PAGODA_API_KEY)")
+    p.add_argument("--concurrency", type=int, default=None, help="requests in flight at most (default: no limit)")
+    p.add_argument("--request-rate", type=float, default=None,
+                   help="requests per second, Poisson arrivals (default: all at once)")
+    p.add_argument("--ignore-eos", action="store_true", help="ask the server to generate exactly max_tokens")
+    p.add_argument("--new-connection-per-request", action="store_true",
+                   help="a fresh HTTP connection per request instead of a keep-alive pool")
+    p.add_argument("--warmup", type=int, default=1, help="untimed requests sent first (default: 1)")
+    _workload_args(p)
+    p.set_defaults(func=cmd_bench_serve)
+
+    p = bench_sub.add_parser("throughput", help="the offline engine's throughput, every request submitted at once")
+    _engine_args(p)
+    _workload_args(p)
+    p.set_defaults(func=cmd_bench_throughput)
     return parser
 
 

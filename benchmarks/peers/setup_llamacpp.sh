@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# llama.cpp's llama-server, built from the source vendored in the llama-cpp-python sdist, under $PEERS.
+# About 10 minutes on 2 cores. Usage: benchmarks/peers/setup_llamacpp.sh
+set -euo pipefail
+PEERS=${PEERS:-/tmp/peers}
+mkdir -p "$PEERS/llamacpp"
+cd "$PEERS/llamacpp"
+if ! ls llama_cpp_python-*.tar.gz >/dev/null 2>&1; then
+  PIP_CONSTRAINT= pip download --quiet --no-deps --no-binary :all: llama-cpp-python -d .
+fi
+SRC=$(ls -d llama_cpp_python-*/ 2>/dev/null | head -1 || true)
+if [ -z "$SRC" ]; then
+  tar xzf llama_cpp_python-*.tar.gz
+  SRC=$(ls -d llama_cpp_python-*/ | head -1)
+fi
+GENERATOR=()
+command -v ninja >/dev/null && GENERATOR=(-G Ninja)
+cmake -S "$SRC/vendor/llama.cpp" -B build "${GENERATOR[@]}" -DCMAKE_BUILD_TYPE=Release \
+  -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF >/dev/null
+cmake --build build --target llama-server -j2
+echo "built $PEERS/llamacpp/build/bin/llama-server ($SRC)"
