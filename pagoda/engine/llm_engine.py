@@ -40,6 +40,8 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's context length, capped by the KV cache
     enable_prefix_caching: bool = True
     device: str = "cpu"
+    attention_backend: str = "auto"  # "auto", "cpu" (native kernel) or "reference": see layers/attention_select.py
+    quantization: str | None = None  # None: weights in `dtype`; "int8": int8 linear layers, see layers/quantized.py
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -76,7 +78,8 @@ class LLMEngine:
         device = torch.device(config.device)
         path = resolve_model(config.model, progress=progress)
         loaded = load_model(path, config.torch_dtype, device, CacheConfig(
-            config.block_size, parse_size(config.kv_cache_memory), config.enable_prefix_caching), progress=progress)
+            config.block_size, parse_size(config.kv_cache_memory), config.enable_prefix_caching), progress=progress,
+            attention_backend=config.attention_backend, quantization=config.quantization)
         self.model_path = path
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer

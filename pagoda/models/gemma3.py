@@ -85,12 +85,14 @@ class Gemma3ForCausalLM(nn.Module):
         self.global_rotary = RotaryEmbedding(config.head_dim, max_pos, config.rope_theta, config.rope_scaling)
         self.local_rotary = RotaryEmbedding(config.head_dim, max_pos, config.extra.get("rope_local_base_freq", 1e4))
         self.model = Gemma3Model(config, self.global_rotary, self.local_rotary)
-        self.lm_head = None  # Gemma 3 ties its output projection to the embeddings
+        self.lm_head = None  # Gemma 3 ties its output projection to the embeddings (a quantized copy may be set)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
         return torch.nn.functional.linear(hidden, self.model.embed_tokens.weight)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -115,8 +115,9 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight)
+        if self.lm_head is not None:  # untied, or a quantized copy of the tied embedding (layers/quantized.py)
+            return self.lm_head(hidden)
+        return torch.nn.functional.linear(hidden, self.model.embed_tokens.weight)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         load_fused_weights(self, weights, STACKED_PARAMS)

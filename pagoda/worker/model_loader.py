@@ -12,7 +12,8 @@ from torch import nn
 
 from pagoda.config import CacheConfig, ModelConfig
 from pagoda.layers.attention import AttentionBackend
-from pagoda.layers.attention_reference import ReferenceBackend
+from pagoda.layers.attention_select import create_backend
+from pagoda.layers.quantized import check_quantization, quantize_model
 from pagoda.loader import open_checkpoint
 from pagoda.models.registry import model_class
 from pagoda.worker.kv_cache import KVCacheLayout, allocate_kv_cache, plan_kv_cache
@@ -49,9 +50,13 @@ def build_model(checkpoint, dtype: torch.dtype, device: torch.device) -> nn.Modu
 
 
 def load_model(path: Path, dtype: torch.dtype, device: torch.device, cache: CacheConfig,
-               progress: bool = False) -> LoadedModel:
+               progress: bool = False, attention_backend: str = "auto", quantization: str | None = None) -> LoadedModel:
+    backend = create_backend(attention_backend, device, dtype)  # first: a bad choice fails before any loading
+    check_quantization(quantization, device)
     checkpoint = open_checkpoint(path)
     model = build_model(checkpoint, dtype, device)
+    if quantization is not None:
+        quantize_model(model, quantization)
     layout = plan_kv_cache(checkpoint.config, cache, dtype)
-    kv_caches = allocate_kv_cache(layout, checkpoint.config, dtype, device)
-    return LoadedModel(model, checkpoint.config, checkpoint.tokenizer, layout, kv_caches, ReferenceBackend(device))
+    kv_caches = allocate_kv_cache(layout, checkpoint.config, dtype, device)  # dtype: the cache's, as in create_backend
+    return LoadedModel(model, checkpoint.config, checkpoint.tokenizer, layout, kv_caches, backend)

@@ -1,0 +1,103 @@
+"""Run the standard workloads W1-W3 against one serving system, one at a time, with `pagoda bench serve`.
+
+    .venv/bin/python benchmarks/workloads.py pagoda            # starts `pagoda serve`, runs W1-W3, stops it
+    .venv/bin/python benchmarks/workloads.py vllm --hf-dir DIR # needs benchmarks/peers/setup_vllm.sh first
+    .venv/bin/python benchmarks/workloads.py llamacpp          # needs benchmarks/peers/setup_llamacpp.sh first
+    .venv/bin/python benchmarks/workloads.py pagoda --only W1 --runs 2
+
+Results go to benchmarks/results/<system>-<workload>-run<k>.json (the full `bench serve` result).
+Every workload: SmolLM2-135M-Instruct, greedy, ignore_eos, streaming completions, fixed output length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tests.servers import free_port, wait_healthy  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    concurrency: int
+    num_prompts: int
+    input_len: int
+    output_len: int
+
+
+WORKLOADS = {
+    "W1": Workload("W1", concurrency=1, num_prompts=8, input_len=128, output_len=128),
+    "W2": Workload("W2", concurrency=16, num_prompts=64, input_len=256, output_len=128),
+    "W3": Workload("W3", concurrency=64, num_prompts=128, input_len=512, output_len=256),
+}
+
+
+def server_command(system: str, port: int, args: argparse.Namespace) -> list[str]:
+    peers = ROOT / "benchmarks" / "peers"
+    if system == "pagoda":
+        return [sys.executable, "-m", "pagoda.cli", "--log-level", "WARNING", "serve", args.model, "--port", str(port),
+                "--served-model-name", "smollm2", *args.server_args]
+    if system == "vllm":
+        if not args.hf_dir:
+            raise SystemExit("vllm needs --hf-dir (benchmarks/peers/export_hf.py writes one)")
+        return ["bash", str(peers / "serve_vllm.sh"), args.hf_dir, str(port), *args.server_args]
+    if system == "llamacpp":
+        from pagoda.model_store import resolve_model
+
+        return ["bash", str(peers / "serve_llamacpp.sh"), str(resolve_model(args.model)), str(port), *args.server_args]
+    raise SystemExit(f"unknown system {system!r}")
+
+
+def bench_command(url: str, workload: Workload, result: Path, args: argparse.Namespace) -> list[str]:
+    return [sys.executable, "-m", "pagoda.cli", "bench", "serve", "--url", url, "--model", "smollm2",
+            "--tokenizer", args.model, "--endpoint", "/v1/completions", "--ignore-eos",
+            "--concurrency", str(workload.concurrency), "--num-prompts", str(workload.num_prompts),
+            "--input-len", str(workload.input_len), "--output-len", str(workload.output_len),
+            "--new-connection-per-request", "--result-json", str(result)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("system", choices=["pagoda", "vllm", "llamacpp"])
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="registry name or GGUF path")
+    parser.add_argument("--hf-dir", default=None, help="HF directory of the model (vLLM)")
+    parser.add_argument("--only", nargs="*", default=sorted(WORKLOADS), help="workloads to run (default: all)")
+    parser.add_argument("--runs", type=int, default=2, help="runs of each workload (default: 2)")
+    parser.add_argument("--label", default=None, help="result file prefix (default: the system name)")
+    parser.add_argument("--server-args", nargs=argparse.REMAINDER, default=[],
+                        help="extra arguments for the server command (last on the line)")
+    args = parser.parse_args()
+    out_dir = ROOT / "benchmarks" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(out_dir / f"{args.label or args.system}-server.log", "w")
+    start = time.monotonic()
+    server = subprocess.Popen(server_command(args.system, port, args), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_healthy(url, timeout=600, process=server)
+        print(f"{args.system} ready in {time.monotonic() - start:.1f} s", flush=True)
+        for run in range(1, args.runs + 1):
+            for name in args.only:
+                result = out_dir / f"{args.label or args.system}-{name}-run{run}.json"
+                print(f"== {args.system} {name} run {run}", flush=True)
+                subprocess.run(bench_command(url, WORKLOADS[name], result, args), check=True)
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

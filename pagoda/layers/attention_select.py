@@ -1,0 +1,60 @@
+"""Chooses the attention backend of an engine: the native CPU kernel or the torch reference.
+
+"auto" takes the CPU kernel when it can run (CPU device, fp32 KV cache, the kernel compiles) and the reference
+otherwise; "cpu" requires the kernel and fails loudly when it cannot run; "reference" is always available.
+Exactly one log line says which backend was chosen and why.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from pagoda.kernels import KernelBuildError
+from pagoda.layers.attention import AttentionBackend
+from pagoda.layers.attention_reference import ReferenceBackend
+
+logger = logging.getLogger("pagoda")
+
+ATTENTION_BACKENDS = ("auto", "cpu", "reference")
+
+
+def _cpu_unsupported(device: torch.device, cache_dtype: torch.dtype) -> str | None:
+    """Why the CPU kernel cannot serve this engine, or None when it can (compiling aside)."""
+    if device.type != "cpu":
+        return f"the device is {device.type}, not cpu"
+    if cache_dtype != torch.float32:
+        return f"the KV cache is {str(cache_dtype).removeprefix('torch.')}; the kernel reads fp32 only"
+    return None
+
+
+def create_backend(name: str, device: torch.device, cache_dtype: torch.dtype) -> AttentionBackend:
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend {name!r} is not supported; choose one of {', '.join(ATTENTION_BACKENDS)}")
+    if name == "reference":
+        logger.info("attention backend: reference (requested)")
+        return ReferenceBackend(device)
+    from pagoda.layers.attention_cpu import CpuPagedBackend
+
+    reason = _cpu_unsupported(device, cache_dtype)
+    if name == "cpu":
+        if reason is not None:
+            raise ValueError(f"attention_backend='cpu' cannot run here: {reason}; use 'auto' or 'reference'")
+        try:
+            backend = CpuPagedBackend()
+        except KernelBuildError as exc:
+            raise KernelBuildError(f"attention_backend='cpu' needs the native kernel, which did not build: {exc}"
+                                   ) from exc
+        logger.info("attention backend: cpu (requested)")
+        return backend
+    if reason is None:
+        try:
+            backend = CpuPagedBackend()
+        except KernelBuildError as exc:
+            reason = f"the native kernel did not build ({str(exc).splitlines()[0]})"
+        else:
+            logger.info("attention backend: cpu (auto: CPU device, fp32 KV cache, kernel built)")
+            return backend
+    logger.info("attention backend: reference (auto: %s)", reason)
+    return ReferenceBackend(device)

@@ -1,0 +1,210 @@
+"""The native CPU attention backend against the reference backend (the oracle): one layer on random paged
+caches, tiny random models end to end, the default model's greedy tokens, and the backend selection."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from pagoda.layers.attention import Attention, BatchLayout
+from pagoda.layers.attention_cpu import CpuPagedBackend
+from pagoda.layers.attention_reference import ReferenceBackend
+from pagoda.layers.attention_select import create_backend
+
+CPU = torch.device("cpu")
+ATOL = 1e-5
+
+# (query tokens, context length) per request, decodes first: decodes at short and long contexts (one of a
+# single token), a fresh prompt longer than one query tile, and a chunk continuing a cached prefix.
+MIXED = [(1, 1), (1, 17), (1, 40), (1, 100), (45, 45), (23, 84)]
+
+
+def make_batch(requests, num_heads, num_kv_heads, head_dim, block_size=16, seed=0, dtype=torch.float32):
+    """A random step: q, k, v, a random fp32 cache whose block tables are shuffled, and its BatchLayout."""
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    blocks_per_request = [-(-ctx // block_size) for _, ctx in requests]
+    num_blocks = sum(blocks_per_request) + 3  # a few blocks nobody owns
+    owner = rng.permutation(num_blocks)
+    tables = np.zeros((len(requests), max(blocks_per_request)), dtype=np.int64)
+    used = 0
+    for i, count in enumerate(blocks_per_request):
+        tables[i, :count] = owner[used:used + count]
+        used += count
+    counts = np.array([n for n, _ in requests], dtype=np.int64)
+    query_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    context_lens = np.array([ctx for _, ctx in requests], dtype=np.int64)
+    positions = np.concatenate([np.arange(ctx - n, ctx) for n, ctx in requests])
+    rows = np.repeat(np.arange(len(requests)), counts)
+    slots = tables[rows, positions // block_size] * block_size + positions % block_size
+    num_decodes = int(np.searchsorted(counts > 1, True))
+    layout = BatchLayout(query_start, context_lens, tables, num_decodes, block_size, torch.from_numpy(slots))
+    total = int(query_start[-1])
+    q = torch.randn(total, num_heads, head_dim, generator=gen).to(dtype)
+    k = torch.randn(total, num_kv_heads, head_dim, generator=gen).to(dtype)
+    v = torch.randn(total, num_kv_heads, head_dim, generator=gen).to(dtype)
+    cache = torch.randn(2, num_blocks * block_size, num_kv_heads, head_dim, generator=gen)
+    return q, k, v, cache, layout
+
+
+def run(backend, layer, q, k, v, cache, layout):
+    with torch.inference_mode():
+        return backend.forward(layer, q, k, v, cache, backend.build_metadata(layout, {layer.sliding_window}))
+
+
+@pytest.fixture(scope="module")
+def cpu_backend():
+    return CpuPagedBackend()
+
+
+def assert_matches_reference(cpu_backend, layer, q, k, v, cache, layout, atol=ATOL):
+    ref_cache, cpu_cache = cache.clone(), cache.clone()
+    expected = run(ReferenceBackend(CPU), layer, q, k, v, ref_cache, layout)
+    got = run(cpu_backend, layer, q, k, v, cpu_cache, layout)
+    assert got.shape == expected.shape == (q.shape[0], layer.num_heads * layer.head_dim)
+    assert got.dtype == expected.dtype
+    diff = (got.float() - expected.float()).abs().max().item()
+    assert diff <= atol, f"max |difference| {diff} exceeds {atol}"
+    assert torch.equal(cpu_cache, ref_cache), "the cache after the write differs"
+
+
+@pytest.mark.parametrize("window", [None, 7], ids=["causal", "window7"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("heads", [(4, 4), (9, 3), (8, 2)], ids=["gqa1", "gqa3", "gqa4"])
+def test_mixed_batch_matches_reference(cpu_backend, heads, head_dim, window):
+    num_heads, num_kv_heads = heads
+    layer = Attention(0, num_heads, num_kv_heads, head_dim, head_dim ** -0.5, sliding_window=window)
+    assert_matches_reference(cpu_backend, layer, *make_batch(MIXED, num_heads, num_kv_heads, head_dim))
+
+
+@pytest.mark.parametrize("requests", [
+    [(1, 3), (1, 200), (1, 33)],  # decodes only
+    [(70, 70)],  # one fresh prompt: several query tiles, keys across many blocks
+    [(1, 9), (16, 16), (5, 41), (2, 2), (33, 97)],  # small chunks, a two-token prompt
+], ids=["decodes", "prefill", "chunks"])
+@pytest.mark.parametrize("window", [None, 1, 20], ids=["causal", "window1", "window20"])
+def test_batch_shapes_match_reference(cpu_backend, requests, window):
+    layer = Attention(0, 9, 3, 64, 0.125, sliding_window=window)
+    assert_matches_reference(cpu_backend, layer, *make_batch(requests, 9, 3, 64, seed=1))
+
+
+@pytest.mark.parametrize("block_size", [1, 5, 64])
+def test_head_dim_tails_and_block_sizes(cpu_backend, block_size):
+    # head dims that are not multiples of 8 take the kernel's scalar tails; odd block sizes split the key segments
+    for head_dim in (20, 36):
+        layer = Attention(0, 6, 2, head_dim, 0.3, sliding_window=13)
+        assert_matches_reference(cpu_backend, layer, *make_batch(MIXED, 6, 2, head_dim, block_size=block_size))
+
+
+def test_strided_views_of_a_fused_projection(cpu_backend):
+    # the model passes q, k, v as views of one qkv projection: token stride larger than heads * head_dim
+    q, k, v, cache, layout = make_batch(MIXED, 9, 3, 64)
+    fused = torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], dim=1)
+    qs, ks, vs = fused.split([9 * 64, 3 * 64, 3 * 64], dim=1)
+    qs, ks, vs = qs.view(-1, 9, 64), ks.view(-1, 3, 64), vs.view(-1, 3, 64)
+    assert not ks.is_contiguous()
+    layer = Attention(0, 9, 3, 64, 0.125)
+    assert_matches_reference(cpu_backend, layer, qs, ks, vs, cache, layout)
+
+
+def test_bfloat16_inputs_are_computed_in_fp32(cpu_backend):
+    q, k, v, cache, layout = make_batch(MIXED, 8, 2, 64, dtype=torch.bfloat16)
+    layer = Attention(0, 8, 2, 64, 0.125, sliding_window=9)
+    ref_cache, cpu_cache = cache.clone(), cache.clone()
+    expected = run(ReferenceBackend(CPU), layer, q.float(), k.float(), v.float(), ref_cache, layout)
+    got = run(cpu_backend, layer, q, k, v, cpu_cache, layout)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected.to(torch.bfloat16), atol=1e-2, rtol=1e-2)
+    assert torch.equal(cpu_cache, ref_cache)
+
+
+def test_rejects_a_cache_it_cannot_read(cpu_backend):
+    q, k, v, cache, layout = make_batch([(1, 5)], 4, 4, 64)
+    with pytest.raises(ValueError, match="fp32 KV cache"):
+        run(cpu_backend, Attention(0, 4, 4, 64, 0.125), q, k, v, cache.to(torch.bfloat16), layout)
+
+
+# ---- selection -------------------------------------------------------------------------------------------------
+
+def test_selection(caplog):
+    with caplog.at_level(logging.INFO, logger="pagoda"):
+        assert isinstance(create_backend("auto", CPU, torch.float32), CpuPagedBackend)
+        assert isinstance(create_backend("cpu", CPU, torch.float32), CpuPagedBackend)
+        assert isinstance(create_backend("reference", CPU, torch.float32), ReferenceBackend)
+        assert isinstance(create_backend("auto", CPU, torch.bfloat16), ReferenceBackend)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("attention backend")]
+    assert len(lines) == 4 and "bfloat16" in lines[-1], lines
+    with pytest.raises(ValueError, match="fp32"):
+        create_backend("cpu", CPU, torch.bfloat16)
+    with pytest.raises(ValueError, match="not supported"):
+        create_backend("fast", CPU, torch.float32)
+
+
+# ---- models end to end -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["mistral-sliding", "gemma3"])
+def test_tiny_models_generate_the_same_tokens(name, tmp_path, cpu_backend):
+    transformers = pytest.importorskip("transformers")
+    from harness import Harness, hf_checkpoint
+
+    common = {"vocab_size": 320, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 3,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+              "initializer_range": 0.15, "rms_norm_eps": 1e-5}
+    config = (transformers.MistralConfig(**common, sliding_window=20) if name == "mistral-sliding" else
+              transformers.Gemma3TextConfig(**common, head_dim=32, sliding_window=12, query_pre_attn_scalar=24,
+                                            layer_types=["sliding_attention", "full_attention", "sliding_attention"]))
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path)
+    checkpoint = hf_checkpoint(tmp_path)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, 320, n).tolist() for n in (1, 6, 19, 44, 75)]
+
+    def tokens(backend, **kw):
+        harness = Harness(checkpoint, **kw)
+        if backend is not None:
+            harness.runner.backend = backend
+        return harness.generate(prompts, 24)
+
+    plain, tight = {"budget": 48}, {"num_blocks": 20, "block_size": 4, "budget": 16, "max_num_seqs": 5}
+    for kw in (plain, tight):  # tight: requests are preempted and recomputed
+        assert tokens(cpu_backend, **kw) == tokens(None, **kw), f"{name} {kw}"
+
+
+def greedy(llm, prompts, n=32):
+    from pagoda import SamplingParams
+
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n))
+    return [o.outputs[0].token_ids for o in outs]
+
+
+PROMPTS = [
+    "The capital of France is",
+    "Hi",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who every morning",
+    "def fibonacci(n):\n    ",
+    ("Les bases de données relationnelles utilisent des tables. Une table contient des lignes et des colonnes, "
+     "et chaque ligne représente un enregistrement. Par exemple, une table de clients peut contenir"),
+]
+
+
+def test_default_model_greedy_tokens_equal_reference(smollm_gguf):
+    from pagoda import LLM
+
+    def make(backend, kv_cache_memory="128MiB", max_num_batched_tokens=24, **kw):
+        # 24 tokens per step: the longer prompts are prefilled in chunks continuing their cached prefix
+        return LLM(str(smollm_gguf), kv_cache_memory=kv_cache_memory, max_num_batched_tokens=max_num_batched_tokens,
+                   attention_backend=backend, progress=False, **kw)
+
+    reference = make("reference")
+    assert isinstance(reference.engine.runner.backend, ReferenceBackend)
+    expected = greedy(reference, PROMPTS)
+    cpu = make("cpu")
+    assert isinstance(cpu.engine.runner.backend, CpuPagedBackend)
+    assert greedy(cpu, PROMPTS) == expected
+    # 12 blocks of 16 tokens cannot hold every request at once: some are preempted and recomputed
+    small = make("cpu", kv_cache_memory=12 * 16 * 46080, max_num_batched_tokens=64, enable_prefix_caching=False)
+    assert greedy(small, PROMPTS) == expected
+    assert small.engine.scheduler.num_preemptions_total > 0
