@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from pagoda import LLM, SamplingParams
-from pagoda.layers.attention import BatchLayout, ForwardContext, forward_context
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.harness import sequence_logprobs  # noqa: E402
 
 PROMPTS = [
     "The capital of France is",
@@ -47,24 +51,6 @@ def decode_seconds_per_token(llm: LLM, batch: int, tokens: int, repeats: int) ->
             steps += 1
         best = min(best, (time.perf_counter() - start) / max(steps, 1))
     return best
-
-
-@torch.inference_mode()
-def sequence_logprobs(llm: LLM, ids: list[int]) -> torch.Tensor:
-    """log_softmax of the logits at every position of `ids`, from one prefill of the whole sequence."""
-    runner, pool = llm.engine.runner, llm.engine.scheduler.kv_cache.pool
-    n, bs = len(ids), runner.block_size
-    taken = pool.allocate(-(-n // bs))  # through the pool, so no cached prefix is overwritten
-    blocks = np.array([b.block_id for b in taken], dtype=np.int64)
-    slots = torch.from_numpy(blocks[np.arange(n) // bs] * bs + np.arange(n) % bs)
-    layout = BatchLayout(np.array([0, n]), np.array([n]), blocks[None, :], 0, bs, slots)
-    try:
-        with forward_context(ForwardContext(runner.backend, runner.backend.build_metadata(layout, runner.windows),
-                                            runner.kv_caches)):
-            hidden = runner.model(torch.tensor(ids), torch.arange(n))
-        return torch.log_softmax(runner.model.compute_logits(hidden).float(), dim=-1)
-    finally:
-        pool.free(taken)
 
 
 def quality(reference: LLM, candidate: LLM, num_prompts: int, tokens: int) -> dict[str, float]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pagoda.config import CacheConfig
@@ -53,3 +54,24 @@ class Harness:
         self.scheduler.kv_cache.check_integrity()
         assert self.scheduler.kv_cache.pool.num_free_blocks == self.scheduler.kv_cache.num_blocks
         return [r.output_token_ids for r in reqs]
+
+
+@torch.inference_mode()
+def sequence_logprobs(llm, ids: list[int]) -> torch.Tensor:
+    """log_softmax of an LLM's logits at every position of `ids`, from one prefill of the whole sequence
+    (teacher forcing). Blocks come from the engine's pool, so no cached prefix is overwritten, and go back."""
+    from pagoda.layers.attention import BatchLayout, ForwardContext, forward_context
+
+    runner, pool = llm.engine.runner, llm.engine.scheduler.kv_cache.pool
+    n, bs = len(ids), runner.block_size
+    taken = pool.allocate(-(-n // bs))
+    blocks = np.array([b.block_id for b in taken], dtype=np.int64)
+    slots = torch.from_numpy(blocks[np.arange(n) // bs] * bs + np.arange(n) % bs)
+    layout = BatchLayout(np.array([0, n]), np.array([n]), blocks[None, :], 0, bs, slots)
+    try:
+        metadata = runner.backend.build_metadata(layout, runner.windows)
+        with forward_context(ForwardContext(runner.backend, metadata, runner.kv_caches)):
+            hidden = runner.model(torch.tensor(ids), torch.arange(n))
+        return torch.log_softmax(runner.model.compute_logits(hidden).float(), dim=-1)
+    finally:
+        pool.free(taken)

@@ -10,6 +10,7 @@ from pagoda import LLM, SamplingParams
 from pagoda.layers import quantized
 from pagoda.layers.linear import Linear
 from pagoda.layers.quantized import GROUP, Int8Linear, dequantize, pack, quantize, quantize_model, unpack
+from tests.harness import sequence_logprobs
 
 SHAPES = [(576, 960), (576, 3072), (1536, 576), (576, 576), (64, 17), (96, 33), (32, 1), (100, 40)]  # (K, N)
 ROWS = [1, 3, 16, 64, 200]  # 200: above KERNEL_MAX_ROWS, the dequantize + GEMM path
@@ -194,26 +195,6 @@ TOKENS = 32
 @pytest.fixture(scope="module")
 def int8_llm(smollm_gguf):
     return LLM(str(smollm_gguf), dtype="float32", quantization="int8", kv_cache_memory="256MiB", progress=False)
-
-
-def sequence_logprobs(llm: LLM, ids: list[int]) -> torch.Tensor:
-    import numpy as np
-
-    from pagoda.layers.attention import BatchLayout, ForwardContext, forward_context
-
-    runner, pool = llm.engine.runner, llm.engine.scheduler.kv_cache.pool
-    n, bs = len(ids), runner.block_size
-    taken = pool.allocate(-(-n // bs))  # through the pool, so no cached prefix is overwritten
-    blocks = np.array([b.block_id for b in taken], dtype=np.int64)
-    slots = torch.from_numpy(blocks[np.arange(n) // bs] * bs + np.arange(n) % bs)
-    layout = BatchLayout(np.array([0, n]), np.array([n]), blocks[None, :], 0, bs, slots)
-    try:
-        with torch.inference_mode(), forward_context(ForwardContext(
-                runner.backend, runner.backend.build_metadata(layout, runner.windows), runner.kv_caches)):
-            hidden = runner.model(torch.tensor(ids), torch.arange(n))
-            return torch.log_softmax(runner.model.compute_logits(hidden), dim=-1)
-    finally:
-        pool.free(taken)
 
 
 def test_int8_model_is_quantized(int8_llm) -> None:

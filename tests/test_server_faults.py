@@ -8,13 +8,15 @@ import asyncio
 import dataclasses
 import json
 import threading
+import time
+from collections.abc import Callable
 
 import httpx
 import pytest
 
 from pagoda.engine.llm_engine import EngineConfig, LLMEngine
 from pagoda.server.app import ServerSettings
-from tests.servers import InProcessServer
+from tests.servers import InProcessServer, wait_healthy
 
 LONG = {"prompt": "Tell me a long story.", "max_tokens": 400, "ignore_eos": True}
 SHORT = {"prompt": "Hello", "max_tokens": 3, "temperature": 0}
@@ -32,6 +34,20 @@ def engine(engine_config) -> LLMEngine:
 
 def settings(config: EngineConfig, **kwargs) -> ServerSettings:
     return ServerSettings(engine=config, served_model_name="smol", **kwargs)
+
+
+def poll_health(url: str, ready: Callable[[httpx.Response], bool], timeout: float = 10.0) -> httpx.Response:
+    """GET /health until the server answers and `ready(response)` holds (or the timeout passes)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            response = httpx.get(f"{url}/health")
+            if ready(response) or time.monotonic() > deadline:
+                return response
+        except httpx.ConnectError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.05)
 
 
 def assert_idle(engine: LLMEngine) -> None:
@@ -103,20 +119,12 @@ def test_health_while_loading_and_after_failed_load(engine_config, monkeypatch, 
     server = InProcessServer(settings(engine_config), None)
     server.thread.start()
     try:
-        for _ in range(100):
-            try:
-                health = httpx.get(f"{server.url}/health")
-                break
-            except httpx.ConnectError:
-                threading.Event().wait(0.05)
+        health = poll_health(server.url, lambda r: True)
         assert health.status_code == 503 and health.json()["error"]["code"] == "loading"
         assert health.headers["retry-after"]
         assert httpx.post(f"{server.url}/v1/completions", json=SHORT).status_code == 503
         release.set()
-        for _ in range(200):
-            if httpx.get(f"{server.url}/health").status_code == 200:
-                break
-            threading.Event().wait(0.1)
+        wait_healthy(server.url, 30)
         assert httpx.post(f"{server.url}/v1/completions", json=SHORT, timeout=60).status_code == 200
     finally:
         release.set()
@@ -126,14 +134,7 @@ def test_health_while_loading_and_after_failed_load(engine_config, monkeypatch, 
     server = InProcessServer(settings(broken), None)
     server.thread.start()
     try:
-        for _ in range(100):
-            try:
-                health = httpx.get(f"{server.url}/health")
-                if health.json()["error"]["code"] == "load_failed":
-                    break
-            except httpx.ConnectError:
-                pass
-            threading.Event().wait(0.05)
+        health = poll_health(server.url, lambda r: r.json()["error"]["code"] == "load_failed")
         assert health.status_code == 503 and "missing.gguf" in health.json()["error"]["message"]
     finally:
         server.__exit__()
