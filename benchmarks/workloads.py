@@ -5,13 +5,17 @@
     .venv/bin/python benchmarks/workloads.py llamacpp          # needs benchmarks/peers/setup_llamacpp.sh first
     .venv/bin/python benchmarks/workloads.py pagoda --only W1 --runs 2
 
-Results go to benchmarks/results/<system>-<workload>-run<k>.json (the full `bench serve` result).
+Results go to benchmarks/results/<system>-<workload>-run<k>.json (the full `bench serve` result), and
+<system>-server.json: seconds from launch to ready, and the resident memory of the server's processes after
+each workload.
 Every workload: SmolLM2-135M-Instruct, greedy, ignore_eos, streaming completions, fixed output length.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import subprocess
 import sys
 import time
@@ -63,6 +67,29 @@ def bench_command(url: str, workload: Workload, result: Path, args: argparse.Nam
             "--new-connection-per-request", "--result-json", str(result)]
 
 
+def process_tree_rss(pid: int) -> int:
+    """Resident bytes of `pid` and all its descendants (vLLM runs its engine in a child process)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo.extend(children.get(p, []))
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            pass
+    return total
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("system", choices=["pagoda", "vllm", "llamacpp"])
@@ -83,12 +110,16 @@ def main() -> int:
     server = subprocess.Popen(server_command(args.system, port, args), stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_healthy(url, timeout=600, process=server)
-        print(f"{args.system} ready in {time.monotonic() - start:.1f} s", flush=True)
+        info = {"system": args.system, "server_args": args.server_args, "ready_s": time.monotonic() - start,
+                "rss_ready_bytes": process_tree_rss(server.pid), "rss_after": {}}
+        print(f"{args.system} ready in {info['ready_s']:.1f} s", flush=True)
         for run in range(1, args.runs + 1):
             for name in args.only:
                 result = out_dir / f"{args.label or args.system}-{name}-run{run}.json"
                 print(f"== {args.system} {name} run {run}", flush=True)
                 subprocess.run(bench_command(url, WORKLOADS[name], result, args), check=True)
+                info["rss_after"][f"{name}-run{run}"] = process_tree_rss(server.pid)
+        (out_dir / f"{args.label or args.system}-server.json").write_text(json.dumps(info, indent=2))
     finally:
         server.terminate()
         try:

@@ -20,8 +20,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step (default: 512)")
     p.add_argument("--attention-backend", default="auto", choices=("auto", "cpu", "reference"),
                    help="auto: the native CPU kernel when it can run, else the torch reference (default: auto)")
-    p.add_argument("--quantization", default=None, choices=("int8",),
-                   help="int8: int8 weights in every linear layer and the LM head (default: none, weights in --dtype)")
+    p.add_argument("--quantization", default="auto", choices=("auto", "gguf", "int8", "none"),
+                   help="gguf: compute on the GGUF file's own Q4_1/Q8_0 blocks (exact weights); int8: requantize "
+                        "every linear layer to int8; none: weights in --dtype; auto (default): gguf for a GGUF "
+                        "file on the CPU, else none")
 
 
 def _engine_config(args: argparse.Namespace):
@@ -30,7 +32,7 @@ def _engine_config(args: argparse.Namespace):
     return EngineConfig(model=args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
                         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend,
-                        quantization=args.quantization)
+                        quantization=None if args.quantization == "none" else args.quantization)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:

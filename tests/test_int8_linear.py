@@ -1,4 +1,4 @@
-"""Int8 linear layers (pagoda/layers/quantized.py + pagoda/kernels/int8_linear.cpp): the kernel against a torch
+"""Int8 linear layers (pagoda/layers/quantized.py + pagoda/kernels/quant_linear.cpp): the kernel against a torch
 reference of the same quantized math, the quantizer's error bound, and int8 vs fp32 on the default model."""
 
 from __future__ import annotations
@@ -174,7 +174,21 @@ def test_cli_flag_reaches_engine_config() -> None:
     parser = argparse.ArgumentParser()
     _engine_args(parser)
     assert _engine_config(parser.parse_args(["--quantization", "int8"])).quantization == "int8"
-    assert _engine_config(parser.parse_args([])).quantization is None
+    assert _engine_config(parser.parse_args(["--quantization", "none"])).quantization is None
+    assert _engine_config(parser.parse_args([])).quantization == "auto"
+
+
+def test_auto_quantization_resolves_per_checkpoint_device_and_dtype() -> None:
+    from pagoda.layers.quantized import resolve_quantization
+
+    cpu = torch.device("cpu")
+    assert resolve_quantization("auto", cpu, torch.float32, is_gguf=True) == "gguf"
+    assert resolve_quantization("auto", cpu, torch.float32, is_gguf=False) is None
+    assert resolve_quantization("auto", cpu, torch.bfloat16, is_gguf=True) is None
+    assert resolve_quantization("auto", torch.device("meta"), torch.float32, is_gguf=True) is None
+    assert resolve_quantization(None, cpu, torch.float32, is_gguf=True) is None
+    with pytest.raises(ValueError, match="not supported"):
+        resolve_quantization("int3", cpu, torch.float32, is_gguf=True)
 
 
 # ---- the default model, int8 vs fp32 ----------------------------------------------------------------------

@@ -41,7 +41,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     device: str = "cpu"
     attention_backend: str = "auto"  # "auto", "cpu" (native kernel) or "reference": see layers/attention_select.py
-    quantization: str | None = None  # None: weights in `dtype`; "int8": int8 linear layers, see layers/quantized.py
+    # "auto": "gguf" for a GGUF file on the CPU, else None; None: weights in `dtype`; "gguf": compute on the
+    # file's own Q4_1/Q8_0 blocks; "int8": requantize every linear layer. See layers/quantized.py.
+    quantization: str | None = "auto"
 
     @property
     def torch_dtype(self) -> torch.dtype:

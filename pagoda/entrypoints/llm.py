@@ -18,7 +18,7 @@ class LLM:
     def __init__(self, model: str | None = None, *, dtype: str = "auto", kv_cache_memory: int | str = "2GiB",
                  max_num_seqs: int = 64, max_model_len: int | None = None, max_num_batched_tokens: int = 512,
                  block_size: int = 16, enable_prefix_caching: bool = True, device: str = "cpu",
-                 attention_backend: str = "auto", quantization: str | None = None, progress: bool = True):
+                 attention_backend: str = "auto", quantization: str | None = "auto", progress: bool = True):
         from pagoda.model_store import DEFAULT_MODEL
 
         self.engine = LLMEngine(EngineConfig(

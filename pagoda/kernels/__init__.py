@@ -2,8 +2,8 @@
 
 Why not a torch C++ extension: these kernels take raw pointers and sizes, so they need no torch headers; a
 plain `g++ -O3 -march=native -fopenmp -shared` build takes a second or two instead of a minute, and the result
-is cached under the model store (`$PAGODA_HOME/kernels/<hash>.so`), keyed by the source, the flags and the
-compiler, so a warm start compiles nothing. `-march=native` is safe because the library is built on the
+is cached under the model store (`$PAGODA_HOME/kernels/<name>-<hash>.so`), keyed by every source of this
+directory (a kernel may include another), the flags and the compiler, so a warm start compiles nothing. `-march=native` is safe because the library is built on the
 machine that runs it.
 
 `load(name)` returns the ctypes library, or raises KernelBuildError with the compiler's message; callers
@@ -55,13 +55,14 @@ def load(name: str) -> ctypes.CDLL:
         source = SOURCE_DIR / f"{name}.cpp"
         cxx = _compiler()
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
-        key = hashlib.sha256(source.read_bytes() + " ".join([cxx, *CXXFLAGS, version]).encode()).hexdigest()[:16]
+        sources = b"".join(path.read_bytes() for path in sorted(SOURCE_DIR.glob("*.cpp")))
+        key = hashlib.sha256(sources + " ".join([cxx, *CXXFLAGS, version]).encode()).hexdigest()[:16]
         target = _cache_dir() / f"{name}-{key}.so"
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 built = Path(tmp) / target.name
-                result = subprocess.run([cxx, *CXXFLAGS, str(source), "-o", str(built)], capture_output=True,
+                result = subprocess.run([cxx, *CXXFLAGS, f"-I{SOURCE_DIR}", str(source), "-o", str(built)], capture_output=True,
                                         text=True, check=False)
                 if result.returncode != 0:
                     raise KernelBuildError(f"compiling {source.name} failed:\n{result.stderr[-4000:]}")

@@ -1,19 +1,26 @@
-"""Int8-weight linear layers: Q8_0-style weights (symmetric int8, one fp16 scale per group of 32 along K) with
-fp32 activations in and out, and the swap of a loaded model's linear layers (and LM head) for them.
+"""Quantized-weight linear layers with fp32 activations in and out, and the swap of a loaded model's linear
+layers (and LM head) for them. Two weight formats, both in groups of 32 along K:
 
-Small batches (decode) run the AVX2 kernel pagoda/kernels/int8_linear.cpp, which reads each weight byte once
-per call whatever the batch, so a decode step moves about a quarter of the fp32 weight bytes. To multiply
-exactly in integers it rounds x to int16 per group of 32 inside the call: at most half a step of
-max|x_group| / 32767 per element, about 2e-5 relative on the model's shapes, far below the int8 rounding of
-the weights. Large batches (prefill) are compute-bound: there the weight is dequantized to fp32 for the call
-and torch's GEMM runs. Both paths compute x @ dequantize(W)^T up to that rounding.
+- int8 (Int8Linear): Q8_0-style symmetric int8 with an fp16 scale. `quantization="int8"` requantizes every
+  linear layer to it; a GGUF Q8_0 tensor converts to it exactly.
+- q4 (Q4Linear): Q4_1's 4-bit codes with an fp16 scale and offset (w = d * c + m). Built only from a GGUF
+  file's own Q4_1 blocks (`quantization="gguf"`), so the weights are exactly the checkpoint's.
+
+Small batches (decode) run the AVX2 kernels of pagoda/kernels/quant_linear.cpp, which read each weight byte
+once per call whatever the batch, so a decode step moves a quarter (int8) or a sixth (q4) of the fp32 weight
+bytes. To multiply exactly in integers they round x to int16 per group of 32 inside the call: at most half a
+step of max|x_group| / 32767 per element, about 2e-5 relative on the model's shapes. Large batches (prefill)
+are compute-bound: there the weight is dequantized to fp32 for the call and torch's GEMM runs. Both paths
+compute x @ dequantize(W)^T up to that rounding.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+from collections.abc import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,9 +31,9 @@ from pagoda.layers.linear import Linear
 logger = logging.getLogger("pagoda")
 
 GROUP = 32  # weights per scale along K (Q8_0's block)
-TILE = 16  # output rows per packed tile: the kernel's layout unit (see int8_linear.cpp)
+TILE = 16  # output rows per packed tile: the kernels' layout unit (see quant_linear.cpp)
 KERNEL_MAX_ROWS = 64  # above this many input rows the fp32 GEMM on a dequantized weight is faster (measured)
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS = ("int8", "gguf")
 
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,66 +76,146 @@ def unpack(qt: torch.Tensor, st: torch.Tensor, n: int) -> tuple[torch.Tensor, to
     return (qt.transpose(1, 2).reshape(-1, k)[:n], st.transpose(1, 2).reshape(-1, st.shape[1])[:n])
 
 
+def pack_q4(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Row-major Q4_1 values (codes uint8 [N, K] in [0, 15], d and m fp16 [N, K/32]) -> the q4 kernel's tiles:
+    codes [T, K/4, 32] uint8 (the int8 layout's 32-byte k-pair units, two per byte: even unit low nibble, odd
+    unit high nibble), d and m [T, K/32, 16]; pad rows are zero."""
+    n, k = codes.shape
+    if k % GROUP:
+        raise ValueError(f"q4 weights need K divisible by {GROUP}, got {k}")
+    units, d_tiles = pack(codes.view(torch.int8), d.view(torch.int16))
+    _, m_tiles = pack(codes.view(torch.int8), m.view(torch.int16))
+    units = units.view(torch.uint8).reshape(units.shape[0], k // 4, 2, 32)
+    return units[:, :, 0] | (units[:, :, 1] << 4), d_tiles, m_tiles
+
+
+def q4_1_codes(blocks: np.ndarray, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GGUF Q4_1 data ([N, K/32 * 20] bytes: fp16 d, fp16 m, 16 bytes of nibbles, element j in the low nibble
+    of byte j and element j + 16 in its high nibble) -> (codes uint8 [N, K], d fp16 [N, K/32], m fp16 [N, K/32])."""
+    b = torch.from_numpy(np.ascontiguousarray(blocks).reshape(n * (k // GROUP), 20))
+    d = b[:, 0:2].contiguous().view(torch.float16).view(n, -1)
+    m = b[:, 2:4].contiguous().view(torch.float16).view(n, -1)
+    qs = b[:, 4:]
+    codes = torch.cat((qs & 0x0F, qs >> 4), dim=1).view(n, k)
+    return codes, d, m
+
+
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _library: ctypes.CDLL | bool | None = None  # None: not loaded yet; False: cannot be built (torch path)
 
 
 def _kernel() -> ctypes.CDLL | None:
-    """The compiled kernel, or None (logged once) when it cannot be built: then the torch path runs."""
+    """The compiled kernels, or None (logged once) when they cannot be built: then the torch path runs."""
     global _library
     if _library is None:
         try:
-            lib = kernels.load("int8_linear")
+            lib = kernels.load("quant_linear")
         except kernels.KernelBuildError as exc:
-            logger.warning("int8 kernel unavailable, using the slower torch path: %s", exc)
+            logger.warning("quantized-linear kernels unavailable, using the slower torch path: %s", exc)
             _library = False
             return None
-        lib.int8_linear.argtypes = [_P, _I64, _I64, _I64, _P, _P, _I64, _P, _I64, ctypes.c_int]
-        lib.int8_linear.restype = None
-        lib.int8_dequantize_t.argtypes = [_P, _P, _I64, _I64, _P, ctypes.c_int]
-        lib.int8_dequantize_t.restype = None
+        signatures = {
+            "int8_linear": [_P, _I64, _I64, _I64, _P, _P, _I64, _P, _I64, ctypes.c_int],
+            "int8_dequantize_t": [_P, _P, _I64, _I64, _P, ctypes.c_int],
+            "q4_linear": [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _P, _I64, ctypes.c_int],
+            "q4_dequantize_t": [_P, _P, _P, _I64, _I64, _P, ctypes.c_int],
+        }
+        for name, argtypes in signatures.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = argtypes, None
         _library = lib
     return _library or None
 
 
-class Int8Linear(nn.Module):
-    """y = x @ dequantize(quantize(W))^T (+ bias), x of any float dtype (computed in fp32, returned in x's)."""
+class QuantizedLinear(nn.Module):
+    """y = x @ W^T (+ bias) for a packed quantized W; x of any float dtype (computed in fp32, returned in x's).
+    Subclasses hold the packed buffers and say how to run the kernel and how to dequantize."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    kind = 0  # the fused decoder's code for this format (pagoda/kernels/llama_stack.cpp)
+
+    def __init__(self, out_features: int, in_features: int, bias: torch.Tensor | None):
         super().__init__()
-        self.out_features, self.in_features = weight.shape
-        q, scales = quantize(weight)
-        qt, st = pack(q, scales)
-        _kernel()  # load (build) the kernel now, not in the first forward
-        self.register_buffer("qweight", qt)  # [T, K'/2, 16, 2] int8
-        self.register_buffer("scales", st.view(torch.int16))  # [T, K'/32, 16] fp16 bits
+        self.out_features, self.in_features = out_features, in_features
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.float32), requires_grad=False)
-        self._pointers()
+        _kernel()  # load (build) the kernels now, not in the first forward
 
     def _pointers(self) -> None:
         # The kernel's arguments that do not change between calls, as plain attributes: module attribute
         # lookups cost about a microsecond each, and a decode step makes over a hundred calls.
-        self._weight_args = (self.qweight.data_ptr(), self.scales.data_ptr(), self.out_features,
-                             self.padded_in_features, self.bias is not None)
+        self.weight_pointers = tuple(t.data_ptr() for t in self.packed())
+        self._weight_args = (self.out_features, self.padded_in_features, self.bias is not None)
 
     def _apply(self, fn, *args, **kwargs):
         module = super()._apply(fn, *args, **kwargs)  # .to(), .share_memory() ... may move the buffers
         self._pointers()
         return module
 
-    @classmethod
-    def from_linear(cls, linear: nn.Module) -> Int8Linear:
-        return cls(linear.weight, linear.bias)
+    def packed(self) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def run_kernel(self, lib: ctypes.CDLL, rows: torch.Tensor, y: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def weight_fp32_t(self) -> torch.Tensor:
+        """The dequantized weight, transposed: [K', N] (a view; padded input columns give zero rows)."""
+        raise NotImplementedError
 
     @property
     def padded_in_features(self) -> int:
-        return self.qweight.shape[1] * 2
+        return self.packed()[0].shape[1] * (2 if self.kind == Int8Linear.kind else 4)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.packed())
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Fast path first: the model passes contiguous fp32 [tokens, K] (cheap checks only, see _pointers).
+        n, k, has_bias = self._weight_args
+        rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        if rows.dtype != torch.float32 or x.shape[-1] != k or not rows.is_contiguous():
+            rows = F.pad(rows.to(torch.float32), (0, k - x.shape[-1])).contiguous()
+        lib = _library
+        if lib and rows.shape[0] <= KERNEL_MAX_ROWS:
+            y = torch.empty((rows.shape[0], n), dtype=torch.float32)
+            self.run_kernel(lib, rows, y)
+        else:
+            y = torch.mm(rows, self.weight_fp32_t())
+        if has_bias:
+            y += self.bias
+        if x.dim() != 2 or x.dtype != torch.float32:
+            y = y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+        return y
+
+
+class Int8Linear(QuantizedLinear):
+    """W quantized to int8 on construction (exact for weights that were Q8_0)."""
+
+    kind = 1
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__(*weight.shape, bias)
+        qt, st = pack(*quantize(weight))
+        self.register_buffer("qweight", qt)  # [T, K'/2, 16, 2] int8
+        self.register_buffer("scales", st.view(torch.int16))  # [T, K'/32, 16] fp16 bits
+        self._pointers()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module) -> Int8Linear:
+        return cls(linear.weight, linear.bias)
+
+    def packed(self) -> tuple[torch.Tensor, ...]:
+        return self.qweight, self.scales
+
+    def run_kernel(self, lib: ctypes.CDLL, rows: torch.Tensor, y: torch.Tensor) -> None:
+        q, s = self.weight_pointers
+        m, k = rows.shape
+        lib.int8_linear(rows.data_ptr(), m, k, k, q, s, self.out_features, y.data_ptr(), self.out_features,
+                        torch.get_num_threads())
+
     def weight_fp32_t(self) -> torch.Tensor:
-        """The dequantized weight, transposed: [K', N] (a view; padded input columns give zero rows)."""
         lib = _kernel()
         if lib is None:
             return dequantize(*unpack(self.qweight, self.scales.view(torch.float16), self.out_features)).t()
@@ -137,23 +224,53 @@ class Int8Linear(nn.Module):
                               self.padded_in_features, out.data_ptr(), torch.get_num_threads())
         return out[:, :self.out_features]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Fast path first: the model passes contiguous fp32 [tokens, K] (cheap checks only, see _pointers).
-        qweight, scales, n, k, has_bias = self._weight_args
-        rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        if rows.dtype != torch.float32 or x.shape[-1] != k or not rows.is_contiguous():
-            rows = F.pad(rows.to(torch.float32), (0, k - x.shape[-1])).contiguous()
-        m, lib = rows.shape[0], _library
-        if lib and m <= KERNEL_MAX_ROWS:
-            y = torch.empty((m, n), dtype=torch.float32)
-            lib.int8_linear(rows.data_ptr(), m, k, k, qweight, scales, n, y.data_ptr(), n, torch.get_num_threads())
-        else:
-            y = torch.mm(rows, self.weight_fp32_t())
-        if has_bias:
-            y += self.bias
-        if x.dim() != 2 or x.dtype != torch.float32:
-            y = y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
-        return y
+
+class Q4Linear(QuantizedLinear):
+    """W given as Q4_1 values: codes [N, K] in [0, 15], fp16 d and m per group of 32 (w = d * c + m)."""
+
+    kind = 2
+
+    def __init__(self, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__(*codes.shape, bias)
+        qt, dt, mt = pack_q4(codes, d, m)
+        self.register_buffer("qweight", qt)  # [T, K/4, 32] uint8
+        self.register_buffer("scales", dt)  # [T, K/32, 16] fp16 bits
+        self.register_buffer("offsets", mt)  # [T, K/32, 16] fp16 bits
+        self._pointers()
+
+    def packed(self) -> tuple[torch.Tensor, ...]:
+        return self.qweight, self.scales, self.offsets
+
+    def run_kernel(self, lib: ctypes.CDLL, rows: torch.Tensor, y: torch.Tensor) -> None:
+        q, d, mo = self.weight_pointers
+        m, k = rows.shape
+        lib.q4_linear(rows.data_ptr(), m, k, k, q, d, mo, self.out_features, y.data_ptr(), self.out_features,
+                      torch.get_num_threads())
+
+    def weight_fp32_t(self) -> torch.Tensor:
+        lib = _kernel()
+        k, tiles = self.padded_in_features, self.qweight.shape[0]
+        if lib is None:
+            units = torch.stack((self.qweight & 0x0F, self.qweight >> 4), dim=2).view(tiles, k // 2, TILE, 2)
+            codes, d = unpack(units.view(torch.int8), self.scales, self.out_features)
+            _, m = unpack(units.view(torch.int8), self.offsets, self.out_features)
+            w = codes.view(torch.uint8).float().view(self.out_features, -1, GROUP)
+            w = w * d.view(torch.float16).float().unsqueeze(-1) + m.view(torch.float16).float().unsqueeze(-1)
+            return w.view(self.out_features, k).t()
+        out = torch.empty(k, tiles * TILE, dtype=torch.float32)
+        lib.q4_dequantize_t(self.qweight.data_ptr(), self.scales.data_ptr(), self.offsets.data_ptr(),
+                            self.out_features, k, out.data_ptr(), torch.get_num_threads())
+        return out[:, :self.out_features]
+
+
+def resolve_quantization(method: str | None, device: torch.device, dtype: torch.dtype, is_gguf: bool) -> str | None:
+    """The method to use: "auto" becomes "gguf" for a GGUF checkpoint run in fp32 on the CPU (the file's own
+    blocks, so the weights are exactly the checkpoint's), else None. Raises ValueError for a method that cannot
+    run here."""
+    if method == "auto":
+        return "gguf" if is_gguf and torch.device(device).type == "cpu" and dtype == torch.float32 else None
+    check_quantization(method, device)
+    return method
 
 
 def check_quantization(method: str | None, device: torch.device) -> None:
@@ -166,17 +283,67 @@ def check_quantization(method: str | None, device: torch.device) -> None:
         raise ValueError(f"quantization {method!r} runs on the CPU only")
 
 
-def quantize_model(model: nn.Module, method: str) -> nn.Module:
-    """Swap every Linear of a loaded model, and the LM head (the tied embedding too, as a separate int8 copy:
-    the embedding table stays for lookups), for int8 ones. Returns the model, changed in place."""
+def _linears(model: nn.Module) -> list[tuple[str, Linear]]:
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, Linear)]
+
+
+def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), leaf, module)
+
+
+def _gguf_linear(module: Linear, shards: list[tuple[str, np.ndarray]]) -> QuantizedLinear | None:
+    """The quantized layer holding exactly the checkpoint's blocks for `module` (shards concatenated along
+    N), or None when the shards are not all of one type the kernels take (Q4_1, Q8_0)."""
+    kinds = {kind for kind, _ in shards}
+    if kinds == {"Q4_1"}:
+        values = [q4_1_codes(blocks, blocks.shape[0], module.in_features) for _, blocks in shards]
+        codes, d, m = (torch.cat(parts) for parts in zip(*values))
+        return Q4Linear(codes, d, m, module.bias)
+    if kinds == {"Q8_0"}:  # requantizing the exact Q8_0 values gives back the same codes and scales
+        return Int8Linear.from_linear(module)
+    return None
+
+
+def quantize_model(model: nn.Module, method: str,
+                   raw_weights: Iterator[tuple[str, str, np.ndarray]] | None = None) -> nn.Module:
+    """Swap the Linear layers of a loaded model, and the LM head (the tied embedding too, as a separate
+    quantized copy: the embedding table stays for lookups), for quantized ones. Returns the model, changed in
+    place.
+
+    "int8": every layer, requantized. "gguf": each layer whose checkpoint tensors are Q4_1 or Q8_0, with
+    exactly those values; `raw_weights` gives the checkpoint's (HF name, GGML type name, row-major blocks
+    [N, bytes per row]) with llama.cpp's row permutations already undone. Other layers stay in fp32."""
     check_quantization(method, next(model.parameters()).device)
-    swaps = [(name, module) for name, module in model.named_modules() if isinstance(module, Linear)]
-    for name, module in swaps:
-        parent_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), leaf, Int8Linear.from_linear(module))
-    if getattr(model, "lm_head", False) is None:  # tied output projection: compute_logits uses lm_head if set
-        model.lm_head = Int8Linear(model.model.embed_tokens.weight)
-    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
-    size = sum(m.qweight.nbytes + m.scales.nbytes for m in layers)
-    logger.info("int8: %d linear layers quantized, %.0f MiB of int8 weights and scales", len(layers), size / 2**20)
+    from pagoda.models.llama import STACKED_PARAMS
+
+    if method == "gguf":
+        if raw_weights is None:
+            raise ValueError("quantization 'gguf' needs a GGUF checkpoint (its quantized blocks are used as they are)")
+        raw = {name: (kind, blocks) for name, kind, blocks in raw_weights}
+        fused_parts = {}  # fused module leaf -> HF leaves in shard order
+        for part, (fused, index) in STACKED_PARAMS.items():
+            fused_parts.setdefault(fused, {})[index] = part
+        for name, module in _linears(model):
+            parent, _, leaf = name.rpartition(".")
+            parts = fused_parts.get(leaf, {0: leaf})
+            names = [f"{parent}.{parts[i]}.weight".lstrip(".") for i in sorted(parts)]
+            if all(n in raw for n in names):
+                layer = _gguf_linear(module, [raw[n] for n in names])
+                if layer is not None:
+                    _swap(model, name, layer)
+        tied = getattr(model, "lm_head", False) is None
+        head = raw.get("model.embed_tokens.weight" if tied else "lm_head.weight")
+        if tied and head is not None and head[0] == "Q8_0":
+            model.lm_head = Int8Linear(model.model.embed_tokens.weight)
+    else:
+        for name, module in _linears(model):
+            _swap(model, name, Int8Linear.from_linear(module))
+        if getattr(model, "lm_head", False) is None:  # tied output projection: compute_logits uses lm_head if set
+            model.lm_head = Int8Linear(model.model.embed_tokens.weight)
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    counts = {cls.__name__: sum(isinstance(m, cls) for m in layers) for cls in (Int8Linear, Q4Linear)}
+    logger.info("%s: %s quantized layers (%s), %.0f MiB of weights; %d linear layers left in fp32", method,
+                len(layers), ", ".join(f"{v} {k}" for k, v in counts.items() if v),
+                sum(m.nbytes for m in layers) / 2**20, len(_linears(model)))
     return model

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pagoda.config import ModelConfig
@@ -18,6 +19,9 @@ class Checkpoint:
     weights: Callable[[torch.dtype], Iterator[tuple[str, torch.Tensor]]]  # HF names, in the given dtype
     tokenizer: "Tokenizer"  # noqa: F821
     rope_freq_factors: torch.Tensor | None = None
+    # GGUF only: the 2-D weights' stored blocks, (HF name, GGML type name, [rows, bytes per row]), for
+    # quantization="gguf"
+    raw_weights: Callable[[], Iterator[tuple[str, str, np.ndarray]]] | None = None
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
@@ -26,12 +30,13 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
         from pagoda.loader.gguf_file import GGUFFile
-        from pagoda.loader.gguf_loader import config_from_gguf, gguf_weights, rope_freq_factors
+        from pagoda.loader.gguf_loader import config_from_gguf, gguf_raw_weights, gguf_weights, rope_freq_factors
 
         gguf = GGUFFile(path)
         config = config_from_gguf(gguf)
         return Checkpoint(path, config, lambda dtype: gguf_weights(gguf, config, dtype),
-                          Tokenizer.from_gguf_metadata(gguf.metadata), rope_freq_factors(gguf))
+                          Tokenizer.from_gguf_metadata(gguf.metadata), rope_freq_factors(gguf),
+                          lambda: gguf_raw_weights(gguf, config))
     if path.is_dir():
         from pagoda.loader.hf_loader import hf_weights, read_config
 

@@ -139,6 +139,22 @@ def gguf_weights(gguf: GGUFFile, config: ModelConfig, dtype: torch.dtype) -> Ite
         yield name, w.to(dtype)
 
 
+def gguf_raw_weights(gguf: GGUFFile, config: ModelConfig) -> Iterator[tuple[str, str, np.ndarray]]:
+    """The 2-D weights as stored: (HF name, GGML type name, blocks [rows, bytes per row]), in HF row order
+    (llama.cpp's q/k row permutation undone on whole rows, which is exact for any block type)."""
+    arch = gguf.architecture
+    for t in gguf.tensors():
+        name = hf_name(t.name, arch)
+        if name is None or len(t.shape) != 2 or not name.endswith(".weight"):
+            continue
+        blocks = t.data
+        heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
+        for proj, num_heads in heads.items():
+            if arch == "llama" and name.endswith(f"{proj}.weight"):
+                blocks = _unpermute(torch.from_numpy(np.array(blocks)), num_heads).numpy()
+        yield name, t.qtype.name, blocks
+
+
 def rope_freq_factors(gguf: GGUFFile) -> torch.Tensor | None:
     """llama3-style rope scaling, which GGUF stores as a tensor of per-frequency divisors."""
     for t in gguf.tensors():

@@ -102,6 +102,8 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     attention_cls = LlamaAttention
+    native_stack = None  # layers/native_stack.py attaches one when the model can run natively
+
 
     def __init__(self, config: ModelConfig, rope_freq_factors: torch.Tensor | None = None):
         super().__init__()
@@ -112,6 +114,8 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self.native_stack is not None and input_ids.shape[0] <= self.native_stack.max_tokens:
+            return self.native_stack(input_ids, positions)
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,8 @@ from torch import nn
 from pagoda.config import CacheConfig, ModelConfig
 from pagoda.layers.attention import AttentionBackend
 from pagoda.layers.attention_select import create_backend
-from pagoda.layers.quantized import check_quantization, quantize_model
+from pagoda.layers import native_stack
+from pagoda.layers.quantized import check_quantization, quantize_model, resolve_quantization
 from pagoda.loader import open_checkpoint
 from pagoda.models.registry import model_class
 from pagoda.worker.kv_cache import KVCacheLayout, allocate_kv_cache, plan_kv_cache
@@ -50,13 +51,17 @@ def build_model(checkpoint, dtype: torch.dtype, device: torch.device) -> nn.Modu
 
 
 def load_model(path: Path, dtype: torch.dtype, device: torch.device, cache: CacheConfig,
-               progress: bool = False, attention_backend: str = "auto", quantization: str | None = None) -> LoadedModel:
+               progress: bool = False, attention_backend: str = "auto", quantization: str | None = "auto") -> LoadedModel:
     backend = create_backend(attention_backend, device, dtype)  # first: a bad choice fails before any loading
-    check_quantization(quantization, device)
+    if quantization != "auto":
+        check_quantization(quantization, device)  # a bad choice fails before any loading
     checkpoint = open_checkpoint(path)
+    quantization = resolve_quantization(quantization, device, dtype, checkpoint.raw_weights is not None)
     model = build_model(checkpoint, dtype, device)
     if quantization is not None:
-        quantize_model(model, quantization)
+        quantize_model(model, quantization, checkpoint.raw_weights() if checkpoint.raw_weights else None)
     layout = plan_kv_cache(checkpoint.config, cache, dtype)
     kv_caches = allocate_kv_cache(layout, checkpoint.config, dtype, device)  # dtype: the cache's, as in create_backend
+    if quantization is not None:
+        native_stack.attach(model, kv_caches, backend)
     return LoadedModel(model, checkpoint.config, checkpoint.tokenizer, layout, kv_caches, backend)

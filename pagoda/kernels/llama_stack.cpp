@@ -1,0 +1,187 @@
+// The whole decoder stack of a Llama-family model in one native call, for small steps (decode batches).
+//
+// This file owns the native half of pagoda/layers/native_stack.py. Per layer it runs, for the step's T tokens:
+//   x = rmsnorm(h) ; qkv = x W_qkv^T ; [q/k head norms] ; rotary(q, k) ; write k, v to the paged cache ;
+//   a = paged attention(q) ; h += a W_o^T ; x = rmsnorm(h) ; gu = x W_gate_up^T ; h += (silu(g) * u) W_down^T
+// and at the end out = rmsnorm(h). The linear layers are the quantized kernels of quant_linear.cpp, attention
+// is paged_attention.cpp (both included below, so one library holds the whole step). The semantics are the
+// torch modules' (models/llama.py, models/qwen3.py, layers/common.py): the tests compare the two paths.
+//
+// Why: a decode step of a 135M model is ~30 layers x ~15 small tensor ops; in torch each op costs a few
+// microseconds of dispatch, which at batch 1 is more than the arithmetic. Here the element-wise work runs
+// single-threaded in place (it is tiny), and only the matmuls and attention fork OpenMP threads.
+//
+// Layouts: h, out [T, hidden] fp32 row-major; the KV cache of a layer is [2, num_slots, Hkv, D] fp32; rotary
+// tables cos, sin [max_positions, D/2] (rotate-half layout). Every K dimension is a multiple of 32.
+
+#include "paged_attention.cpp"
+#include "quant_linear.cpp"
+
+namespace {
+
+enum LinearKind : int64_t { INT8 = 1, Q4 = 2 };
+
+struct QLinear {
+    int64_t kind, n, k;
+    const void* q;
+    const uint16_t* d;
+    const uint16_t* m;  // q4 offsets; null for int8
+};
+
+struct Layer {
+    const float* attn_norm;
+    const float* ffn_norm;
+    const float* q_norm;  // per-head norms (Qwen3); null when absent
+    const float* k_norm;
+    QLinear qkv, o, gate_up, down;
+    float* kv_cache;
+    int64_t window;  // <= 0: full attention
+};
+
+struct Stack {
+    int64_t num_layers, hidden, heads, kv_heads, head_dim, intermediate, num_slots;
+    float eps, scale;
+    const float* cos;
+    const float* sin;
+    const float* final_norm;
+    const Layer* layers;
+};
+
+struct Batch {
+    int64_t num_tokens;
+    const int64_t* positions;
+    const int64_t* slots;
+    const int64_t* block_tables;
+    int64_t table_stride;
+    const int64_t* context_lens;
+    const int64_t* query_start;
+    int64_t num_decodes, num_requests, block_size;
+};
+
+void linear(const QLinear& w, const float* x, int64_t M, float* y, int threads) {
+    if (w.kind == INT8)
+        int8_linear(x, M, w.k, w.k, static_cast<const int8_t*>(w.q), w.d, w.n, y, w.n, threads);
+    else
+        q4_linear(x, M, w.k, w.k, static_cast<const uint8_t*>(w.q), w.d, w.m, w.n, y, w.n, threads);
+}
+
+// y = x / rms(x) * w over n floats.
+void rmsnorm(const float* x, const float* w, int64_t n, float eps, float* y) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    float ss = hsum(acc);
+    for (; i < n; ++i) ss += x[i] * x[i];
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
+    const __m256 vinv = _mm256_set1_ps(inv);
+    for (i = 0; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), vinv), _mm256_loadu_ps(w + i)));
+    for (; i < n; ++i) y[i] = x[i] * inv * w[i];
+}
+
+// Rotate-half rotary of one head in place: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s).
+void rotate(float* x, const float* c, const float* s, int64_t half) {
+    int64_t i = 0;
+    for (; i + 8 <= half; i += 8) {
+        const __m256 x1 = _mm256_loadu_ps(x + i), x2 = _mm256_loadu_ps(x + half + i);
+        const __m256 vc = _mm256_loadu_ps(c + i), vs = _mm256_loadu_ps(s + i);
+        _mm256_storeu_ps(x + i, _mm256_fmsub_ps(x1, vc, _mm256_mul_ps(x2, vs)));
+        _mm256_storeu_ps(x + half + i, _mm256_fmadd_ps(x2, vc, _mm256_mul_ps(x1, vs)));
+    }
+    for (; i < half; ++i) {
+        const float x1 = x[i], x2 = x[half + i];
+        x[i] = x1 * c[i] - x2 * s[i];
+        x[half + i] = x2 * c[i] + x1 * s[i];
+    }
+}
+
+// act[i] = silu(gate[i]) * up[i] = gate / (1 + exp(-gate)) * up.
+void silu_mul(const float* gate, const float* up, int64_t n, float* act) {
+    int64_t i = 0;
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        _mm256_storeu_ps(act + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_loadu_ps(up + i)));
+    }
+    for (; i < n; ++i) act[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+}
+
+void add_rows(float* h, const float* delta, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(h + i, _mm256_add_ps(_mm256_loadu_ps(h + i), _mm256_loadu_ps(delta + i)));
+    for (; i < n; ++i) h[i] += delta[i];
+}
+
+struct Buffers {
+    std::vector<float> x, qkv, attn, tmp, gate_up, act;
+    void resize(const Stack& S, int64_t T) {
+        const int64_t qkv_n = (S.heads + 2 * S.kv_heads) * S.head_dim;
+        x.resize(T * S.hidden);
+        qkv.resize(T * qkv_n);
+        attn.resize(T * S.heads * S.head_dim);
+        tmp.resize(T * S.hidden);
+        gate_up.resize(T * 2 * S.intermediate);
+        act.resize(T * S.intermediate);
+    }
+};
+
+void attention(const Stack& S, const Layer& L, const Batch& B, float* qkv, float* out, int threads) {
+    const int64_t T = B.num_tokens, H = S.heads, Hkv = S.kv_heads, D = S.head_dim, half = D / 2;
+    const int64_t qkv_n = (H + 2 * Hkv) * D;
+    for (int64_t t = 0; t < T; ++t) {
+        float* row = qkv + t * qkv_n;
+        const float* c = S.cos + B.positions[t] * half;
+        const float* s = S.sin + B.positions[t] * half;
+        for (int64_t h = 0; h < H + Hkv; ++h) {  // q heads, then k heads
+            float* head = row + h * D;
+            const float* norm = h < H ? L.q_norm : L.k_norm;
+            if (norm != nullptr) rmsnorm(head, norm, D, S.eps, head);
+            rotate(head, c, s, half);
+        }
+    }
+    float* k_cache = L.kv_cache;
+    float* v_cache = L.kv_cache + S.num_slots * Hkv * D;
+    paged_cache_write(qkv + H * D, qkv_n, qkv + (H + Hkv) * D, qkv_n, B.slots, T, Hkv * D, k_cache, v_cache);
+    if (B.num_decodes > 0)
+        paged_attention_decode(qkv, qkv_n, out, H * D, k_cache, v_cache, B.block_tables, B.table_stride,
+                               B.context_lens, B.num_decodes, H, Hkv, D, B.block_size, L.window, S.scale, threads);
+    if (B.num_decodes < B.num_requests)
+        paged_attention_prefill(qkv, qkv_n, out, H * D, k_cache, v_cache, B.block_tables, B.table_stride,
+                                B.context_lens, B.query_start, B.num_decodes, B.num_requests, H, Hkv, D,
+                                B.block_size, L.window, S.scale, threads);
+}
+
+}  // namespace
+
+extern "C" {
+
+// h [T, hidden]: the embedded tokens in, the last layer's residual stream out; out [T, hidden]: the final norm.
+void llama_stack_forward(const Stack* stack, const Batch* batch, float* h, float* out, int threads) {
+    const Stack& S = *stack;
+    const Batch& B = *batch;
+    const int64_t T = B.num_tokens, I = S.intermediate;
+    static thread_local Buffers buf;
+    buf.resize(S, T);
+    for (int64_t l = 0; l < S.num_layers; ++l) {
+        const Layer& L = S.layers[l];
+        for (int64_t t = 0; t < T; ++t) rmsnorm(h + t * S.hidden, L.attn_norm, S.hidden, S.eps, buf.x.data() + t * S.hidden);
+        linear(L.qkv, buf.x.data(), T, buf.qkv.data(), threads);
+        attention(S, L, B, buf.qkv.data(), buf.attn.data(), threads);
+        linear(L.o, buf.attn.data(), T, buf.tmp.data(), threads);
+        add_rows(h, buf.tmp.data(), T * S.hidden);
+        for (int64_t t = 0; t < T; ++t) rmsnorm(h + t * S.hidden, L.ffn_norm, S.hidden, S.eps, buf.x.data() + t * S.hidden);
+        linear(L.gate_up, buf.x.data(), T, buf.gate_up.data(), threads);
+        for (int64_t t = 0; t < T; ++t)
+            silu_mul(buf.gate_up.data() + t * 2 * I, buf.gate_up.data() + t * 2 * I + I, I, buf.act.data() + t * I);
+        linear(L.down, buf.act.data(), T, buf.tmp.data(), threads);
+        add_rows(h, buf.tmp.data(), T * S.hidden);
+    }
+    for (int64_t t = 0; t < T; ++t) rmsnorm(h + t * S.hidden, S.final_norm, S.hidden, S.eps, out + t * S.hidden);
+}
+
+}  // extern "C"

@@ -1,0 +1,307 @@
+// Quantized-weight linear layers for AVX2: y[M, N] = x[M, K] @ W[N, K]^T with x and y fp32 and W in one of
+// two packed formats:
+//   int8  Q8_0-style: symmetric int8, one fp16 scale per group of 32 weights along K;
+//   q4    Q4_1-style: 4-bit codes c in [0, 15], w = d * c + m with fp16 d and m per group of 32 (exactly the
+//         values of a GGUF Q4_1 tensor, repacked; see the q4 section below).
+//
+// Method. Each row of x is rounded, per group of 32, to int16 with scale max|x_group| / 32767 (relative error
+// at most 2^-16 of the group's largest value: far below the weights' int8 rounding). Then every product
+// int8 * int16 is exact, `_mm256_madd_epi16` sums two of them into an int32 lane, and a group's 32 products
+// are summed exactly in int32 (|sum| <= 32 * 127 * 32767 < 2^31). Only the per-group total is scaled, in
+// fp32, by weight scale * activation scale. Compared with widening the weights to fp32 and using FMAs, this
+// does half the instructions per weight, which keeps a decode step (M = 1) bound by memory, not by the core.
+//
+// Packed layout, made by pagoda/layers/quantized.py (`pack`): output rows are grouped in tiles of NT = 16.
+//   qweight[T][K/2][16][2]  int8   tile t, input columns (2j, 2j+1), row t*16 + i   (T = ceil(N / 16))
+//   scales [T][K/32][16]    fp16   tile t, group g,                  row t*16 + i
+// Pad rows are zero. One 32-byte read is a k pair of the tile's 16 rows: two sign-extensions give the
+// int16 operands for 16 rows, and a broadcast x pair multiplies them; accumulators are lane-wise per row,
+// so no horizontal sums are needed. Each tile's bytes are read front to back once per block of MR x rows,
+// and stay in L1/L2 for the next block.
+//
+// Invariants: K is a multiple of 32; x rows are `ldx` floats apart, y rows `ldy` floats apart; weights in
+// [-127, 127]; x finite. Threads split the tiles, so each output element is written by exactly one thread.
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int QK = 32;  // weights per scale group along K
+constexpr int NT = 16;  // output rows per tile
+
+inline __m256 scales8(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+inline float hmax(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+// x row [K] fp32 -> q [K] int16 and d [K/32] fp32 with x ~= q * d per group.
+inline void quantize_row(const float* x, int64_t K, int16_t* q, float* d) {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    for (int64_t g = 0; g < K / QK; ++g) {
+        __m256 v[4], amax = _mm256_setzero_ps();
+        for (int j = 0; j < 4; ++j) {
+            v[j] = _mm256_loadu_ps(x + g * QK + j * 8);
+            amax = _mm256_max_ps(amax, _mm256_and_ps(v[j], abs_mask));
+        }
+        const float scale = hmax(amax) / 32767.0f;
+        d[g] = scale;
+        const __m256 inv = _mm256_set1_ps(scale > 0 ? 1.0f / scale : 0.0f);
+        for (int j = 0; j < 4; j += 2) {  // packs interleaves 128-bit lanes; the permute restores the order
+            const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));
+            const __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(v[j + 1], inv));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + g * QK + j * 8),
+                                _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8));
+        }
+    }
+}
+
+// y[m][0..valid) = acc[m] for m < MR (valid < 16 only in the last tile when N is not a multiple of 16).
+template <int MR>
+inline void store_tile(const __m256 (&acc)[MR][2], float* y, int64_t ldy, int valid) {
+    for (int m = 0; m < MR; ++m) {
+        if (valid == NT) {
+            _mm256_storeu_ps(y + m * ldy, acc[m][0]);
+            _mm256_storeu_ps(y + m * ldy + 8, acc[m][1]);
+        } else {
+            alignas(32) float tmp[NT];
+            _mm256_store_ps(tmp, acc[m][0]);
+            _mm256_store_ps(tmp + 8, acc[m][1]);
+            std::memcpy(y + m * ldy, tmp, sizeof(float) * valid);
+        }
+    }
+}
+
+// One tile (16 output rows) for MR rows of x: y[m][0..valid) for m < MR.
+template <int MR>
+inline void tile_kernel(const int16_t* xq, const float* dx, int64_t K, const int8_t* q, const uint16_t* s,
+                        int64_t groups, float* y, int64_t ldy, int valid) {
+    __m256 acc[MR][2];
+    for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+        __m256i isum[MR][2];  // exact int32 sums of the group's products, rows 0-7 and 8-15
+        for (int m = 0; m < MR; ++m) isum[m][0] = isum[m][1] = _mm256_setzero_si256();
+        const int8_t* qg = q + g * QK * NT;
+        // Unrolled by 2 only: a full unroll lets GCC reassociate the int32 sums into a tree that spills.
+#pragma GCC unroll 2
+        for (int j = 0; j < QK / 2; ++j) {
+            const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qg + j * 32)));
+            const __m256i w1 =
+                _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qg + j * 32 + 16)));
+            for (int m = 0; m < MR; ++m) {
+                int32_t pair;
+                std::memcpy(&pair, xq + m * K + g * QK + j * 2, sizeof pair);
+                const __m256i xb = _mm256_set1_epi32(pair);
+                isum[m][0] = _mm256_add_epi32(isum[m][0], _mm256_madd_epi16(w0, xb));
+                isum[m][1] = _mm256_add_epi32(isum[m][1], _mm256_madd_epi16(w1, xb));
+            }
+        }
+        const __m256 s0 = scales8(s + g * NT), s1 = scales8(s + g * NT + 8);
+        for (int m = 0; m < MR; ++m) {
+            const __m256 dm = _mm256_set1_ps(dx[m * groups + g]);
+            acc[m][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m][0]), _mm256_mul_ps(s0, dm), acc[m][0]);
+            acc[m][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m][1]), _mm256_mul_ps(s1, dm), acc[m][1]);
+        }
+    }
+    store_tile<MR>(acc, y, ldy, valid);
+}
+
+// All M rows of x against one tile, in blocks of 4 rows (the most whose sums fit the registers).
+inline void tile_all_rows(const int16_t* xq, const float* dx, int64_t M, int64_t K, const int8_t* q,
+                          const uint16_t* s, float* y, int64_t ldy, int valid) {
+    const int64_t groups = K / QK;
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) tile_kernel<4>(xq + m * K, dx + m * groups, K, q, s, groups, y + m * ldy, ldy, valid);
+    const int64_t left = M - m;
+    xq += m * K, dx += m * groups, y += m * ldy;
+    if (left == 3) tile_kernel<3>(xq, dx, K, q, s, groups, y, ldy, valid);
+    if (left == 2) tile_kernel<2>(xq, dx, K, q, s, groups, y, ldy, valid);
+    if (left == 1) tile_kernel<1>(xq, dx, K, q, s, groups, y, ldy, valid);
+}
+
+inline int tile_rows(int64_t N, int64_t t) { return static_cast<int>(N - t * NT < NT ? N - t * NT : NT); }
+
+
+// ---- q4 (Q4_1 values) ---------------------------------------------------------------------------------------
+// Packed layout, made by pagoda/layers/quantized.py (`pack_q4`): the int8 layout's 32-byte k-pair units, two
+// per byte: byte b of unit j4 holds pair 2*j4's byte b in its low nibble and pair 2*j4+1's in its high one.
+//   q4  [T][K/4][32]   uint8   (T = ceil(N / 16))
+//   d   [T][K/32][16]  fp16    scale of the group, row t*16 + i
+//   m   [T][K/32][16]  fp16    offset of the group
+// A group's dot product is d * sum(x~ * c) + m * sum(x~), where x~ = xq * dx is the int16-rounded x row: the
+// first sum is exact in int32 (|sum| <= 32 * 15 * 32767), the second is xs = dx * sum(xq), one per row and
+// group, precomputed. So the result equals x~ @ W^T up to fp32 rounding of the per-group terms.
+
+template <int MR>
+inline void q4_tile_kernel(const int16_t* xq, const float* dx, const float* xs, int64_t K, const uint8_t* q,
+                           const uint16_t* d, const uint16_t* mo, int64_t groups, float* y, int64_t ldy, int valid) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    __m256 acc[MR][2];
+    for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+        __m256i isum[MR][2];
+        for (int m = 0; m < MR; ++m) isum[m][0] = isum[m][1] = _mm256_setzero_si256();
+        const uint8_t* qg = q + g * (QK / 2) * NT;
+#pragma GCC unroll 2
+        for (int j4 = 0; j4 < QK / 4; ++j4) {
+            const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg + j4 * 32));
+            const __m256i lo = _mm256_and_si256(b, low4);                         // k pair 2*j4
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);  // k pair 2*j4 + 1
+            const __m256i wl0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(lo));
+            const __m256i wl1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(lo, 1));
+            const __m256i wh0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(hi));
+            const __m256i wh1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(hi, 1));
+            for (int m = 0; m < MR; ++m) {
+                int32_t pairs[2];
+                std::memcpy(pairs, xq + m * K + g * QK + j4 * 4, sizeof pairs);
+                const __m256i xa = _mm256_set1_epi32(pairs[0]), xb = _mm256_set1_epi32(pairs[1]);
+                isum[m][0] = _mm256_add_epi32(isum[m][0],
+                                              _mm256_add_epi32(_mm256_madd_epi16(wl0, xa), _mm256_madd_epi16(wh0, xb)));
+                isum[m][1] = _mm256_add_epi32(isum[m][1],
+                                              _mm256_add_epi32(_mm256_madd_epi16(wl1, xa), _mm256_madd_epi16(wh1, xb)));
+            }
+        }
+        const __m256 d0 = scales8(d + g * NT), d1 = scales8(d + g * NT + 8);
+        const __m256 m0 = scales8(mo + g * NT), m1 = scales8(mo + g * NT + 8);
+        for (int m = 0; m < MR; ++m) {
+            const __m256 dm = _mm256_set1_ps(dx[m * groups + g]), sm = _mm256_set1_ps(xs[m * groups + g]);
+            acc[m][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m][0]), _mm256_mul_ps(d0, dm), acc[m][0]);
+            acc[m][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m][1]), _mm256_mul_ps(d1, dm), acc[m][1]);
+            acc[m][0] = _mm256_fmadd_ps(m0, sm, acc[m][0]);
+            acc[m][1] = _mm256_fmadd_ps(m1, sm, acc[m][1]);
+        }
+    }
+    store_tile<MR>(acc, y, ldy, valid);
+}
+
+inline void q4_tile_all_rows(const int16_t* xq, const float* dx, const float* xs, int64_t M, int64_t K,
+                             const uint8_t* q, const uint16_t* d, const uint16_t* mo, float* y, int64_t ldy,
+                             int valid) {
+    const int64_t groups = K / QK;
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4)
+        q4_tile_kernel<4>(xq + m * K, dx + m * groups, xs + m * groups, K, q, d, mo, groups, y + m * ldy, ldy, valid);
+    const int64_t left = M - m;
+    xq += m * K, dx += m * groups, xs += m * groups, y += m * ldy;
+    if (left == 3) q4_tile_kernel<3>(xq, dx, xs, K, q, d, mo, groups, y, ldy, valid);
+    if (left == 2) q4_tile_kernel<2>(xq, dx, xs, K, q, d, mo, groups, y, ldy, valid);
+    if (left == 1) q4_tile_kernel<1>(xq, dx, xs, K, q, d, mo, groups, y, ldy, valid);
+}
+
+// Per-thread buffers of the rounded activations, grown on demand.
+struct QuantizedRows {
+    std::vector<int16_t> xq;
+    std::vector<float> dx, xs;
+    void quantize(const float* x, int64_t M, int64_t K, int64_t ldx, bool sums) {
+        const int64_t groups = K / QK;
+        xq.resize(M * K);
+        dx.resize(M * groups);
+        xs.resize(M * groups);
+        for (int64_t m = 0; m < M; ++m) {
+            quantize_row(x + m * ldx, K, xq.data() + m * K, dx.data() + m * groups);
+            if (!sums) continue;
+            for (int64_t g = 0; g < groups; ++g) {
+                int32_t s = 0;
+                for (int j = 0; j < QK; ++j) s += xq[m * K + g * QK + j];
+                xs[m * groups + g] = dx[m * groups + g] * static_cast<float>(s);
+            }
+        }
+    }
+};
+
+}  // namespace
+
+extern "C" {
+
+// y[M, N] = x[M, K] @ dequant(W)^T, W in the int8 layout.
+void int8_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* qweight, const uint16_t* scales,
+                 int64_t N, float* y, int64_t ldy, int threads) {
+    const int64_t tiles = (N + NT - 1) / NT, groups = K / QK;
+    static thread_local QuantizedRows rows;  // per calling thread: callers may run concurrently
+    rows.quantize(x, M, K, ldx, false);
+    const int16_t* xqp = rows.xq.data();
+    const float* dxp = rows.dx.data();
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < tiles; ++t)
+        tile_all_rows(xqp, dxp, M, K, qweight + t * K * NT, scales + t * groups * NT, y + t * NT, ldy, tile_rows(N, t));
+}
+
+// y[M, N] = x[M, K] @ dequant(W)^T, W in the q4 layout.
+void q4_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* q, const uint16_t* d,
+               const uint16_t* mo, int64_t N, float* y, int64_t ldy, int threads) {
+    const int64_t tiles = (N + NT - 1) / NT, groups = K / QK;
+    static thread_local QuantizedRows rows;
+    rows.quantize(x, M, K, ldx, true);
+    const int16_t* xqp = rows.xq.data();
+    const float *dxp = rows.dx.data(), *xsp = rows.xs.data();
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < tiles; ++t)
+        q4_tile_all_rows(xqp, dxp, xsp, M, K, q + t * (K / 2) * NT, d + t * groups * NT, mo + t * groups * NT,
+                         y + t * NT, ldy, tile_rows(N, t));
+}
+
+// out[K, T * 16] = dequant(W)^T for the q4 layout, like int8_dequantize_t.
+void q4_dequantize_t(const uint8_t* q, const uint16_t* d, const uint16_t* mo, int64_t N, int64_t K, float* out,
+                     int threads) {
+    const int64_t tiles = (N + NT - 1) / NT, groups = K / QK, ld = tiles * NT;
+    const __m256i even = _mm256_set1_epi32(1), odd = _mm256_set1_epi32(1 << 16);
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < tiles; ++t) {
+        for (int64_t g = 0; g < groups; ++g) {
+            const uint8_t* qg = q + (t * K / 2 + g * QK / 2) * NT;
+            const int64_t sg = (t * groups + g) * NT;
+            const __m256 s[2] = {scales8(d + sg), scales8(d + sg + 8)};
+            const __m256 o[2] = {scales8(mo + sg), scales8(mo + sg + 8)};
+            for (int j4 = 0; j4 < QK / 4; ++j4) {
+                const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg + j4 * 32));
+                const __m256i pairs[2] = {_mm256_and_si256(b, low4), _mm256_and_si256(_mm256_srli_epi16(b, 4), low4)};
+                for (int p = 0; p < 2; ++p) {
+                    float* row = out + (g * QK + 4 * j4 + 2 * p) * ld + t * NT;  // k row; k + 1 is ld further
+                    for (int h = 0; h < 2; ++h) {
+                        const __m256i w = _mm256_cvtepu8_epi16(h ? _mm256_extracti128_si256(pairs[p], 1)
+                                                                 : _mm256_castsi256_si128(pairs[p]));
+                        _mm256_storeu_ps(row + h * 8,
+                                         _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(w, even)), s[h], o[h]));
+                        _mm256_storeu_ps(row + ld + h * 8,
+                                         _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(w, odd)), s[h], o[h]));
+                    }
+                }
+            }
+        }
+    }
+}
+
+// out[K, T * 16] = dequant(W)^T, row-major fp32 (pad rows of W give zero columns): for large M, where a float
+// GEMM is faster than the kernel. Transposed because the packed k pairs split into k rows with two madds.
+void int8_dequantize_t(const int8_t* qweight, const uint16_t* scales, int64_t N, int64_t K, float* out, int threads) {
+    const int64_t tiles = (N + NT - 1) / NT, groups = K / QK, ld = tiles * NT;
+    const __m256i even = _mm256_set1_epi32(1), odd = _mm256_set1_epi32(1 << 16);  // int16 pairs (1, 0), (0, 1)
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < tiles; ++t) {
+        for (int64_t g = 0; g < groups; ++g) {
+            const int8_t* qg = qweight + (t * K + g * QK) * NT;
+            const __m256 s[2] = {scales8(scales + (t * groups + g) * NT), scales8(scales + (t * groups + g) * NT + 8)};
+            for (int j = 0; j < QK / 2; ++j) {
+                float* row = out + (g * QK + 2 * j) * ld + t * NT;  // row k = 2j; row k + 1 is ld further
+                for (int h = 0; h < 2; ++h) {
+                    const __m256i w =
+                        _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qg + j * 32 + h * 16)));
+                    _mm256_storeu_ps(row + h * 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(w, even)), s[h]));
+                    _mm256_storeu_ps(row + ld + h * 8,
+                                     _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(w, odd)), s[h]));
+                }
+            }
+        }
+    }
+}
+
+}  // extern "C"

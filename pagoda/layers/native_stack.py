@@ -1,0 +1,147 @@
+"""The decoder stack of a Llama-family model as one native call per step (pagoda/kernels/llama_stack.cpp).
+
+A decode step of a small model is dominated by per-op overhead, not arithmetic: ~30 layers x ~15 torch ops,
+each a few microseconds of dispatch. `NativeStack` hands the whole stack (norms, quantized projections,
+rotary, KV-cache write, paged attention, MLP, final norm) to one C++ call over the same weights and cache the
+torch modules use. It serves steps of at most MAX_TOKENS tokens; larger steps (prefill chunks, which are
+compute-bound and run best on torch's GEMM) go through the torch modules. Both paths give the same results
+up to fp32 rounding order (tests/test_native_stack.py).
+
+It applies when every piece has a native twin: Llama-layout layers (SiLU MLP, no projection bias, optional
+Qwen3 head norms), quantized linear layers (int8 or q4, K a multiple of 32), rotate-half rotary, the native
+attention backend and an fp32 KV cache. `attach` says why not otherwise, and the model keeps running on torch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+
+import torch
+from torch import nn
+
+from pagoda import kernels
+from pagoda.layers.attention import get_forward_context
+from pagoda.layers.attention_cpu import CpuMetadata, CpuPagedBackend
+from pagoda.layers.quantized import QuantizedLinear
+
+logger = logging.getLogger("pagoda")
+
+MAX_TOKENS = 64  # the quantized kernels' batch limit (quantized.KERNEL_MAX_ROWS): above it torch's GEMM wins
+
+_I64, _F32, _P = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+
+
+class _QLinear(ctypes.Structure):
+    _fields_ = [("kind", _I64), ("n", _I64), ("k", _I64), ("q", _P), ("d", _P), ("m", _P)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("attn_norm", _P), ("ffn_norm", _P), ("q_norm", _P), ("k_norm", _P), ("qkv", _QLinear),
+                ("o", _QLinear), ("gate_up", _QLinear), ("down", _QLinear), ("kv_cache", _P), ("window", _I64)]
+
+
+class _Stack(ctypes.Structure):
+    _fields_ = [("num_layers", _I64), ("hidden", _I64), ("heads", _I64), ("kv_heads", _I64), ("head_dim", _I64),
+                ("intermediate", _I64), ("num_slots", _I64), ("eps", _F32), ("scale", _F32), ("cos", _P),
+                ("sin", _P), ("final_norm", _P), ("layers", ctypes.POINTER(_Layer))]
+
+
+class _Batch(ctypes.Structure):
+    _fields_ = [("num_tokens", _I64), ("positions", _P), ("slots", _P), ("block_tables", _P), ("table_stride", _I64),
+                ("context_lens", _P), ("query_start", _P), ("num_decodes", _I64), ("num_requests", _I64),
+                ("block_size", _I64)]
+
+
+def _load_kernel() -> ctypes.CDLL:
+    lib = kernels.load("llama_stack")
+    lib.llama_stack_forward.argtypes = [ctypes.POINTER(_Stack), ctypes.POINTER(_Batch), _P, _P, ctypes.c_int]
+    lib.llama_stack_forward.restype = None
+    return lib
+
+
+def _qlinear(module: nn.Module) -> _QLinear:
+    pointers = list(module.weight_pointers) + [None] * (3 - len(module.weight_pointers))
+    return _QLinear(module.kind, module.out_features, module.padded_in_features, *pointers)
+
+
+def unsupported_reason(model: nn.Module, kv_caches: list[torch.Tensor], backend) -> str | None:
+    """Why the native stack cannot run this model, or None when it can."""
+    from pagoda.models.llama import LlamaForCausalLM
+
+    if not isinstance(model, LlamaForCausalLM) or type(model).__name__ not in ("LlamaForCausalLM",
+                                                                                 "Qwen3ForCausalLM"):
+        return f"{type(model).__name__} is not a Llama-layout model"
+    if not isinstance(backend, CpuPagedBackend):
+        return "the attention backend is not the native one"
+    if any(c.dtype != torch.float32 or not c.is_contiguous() or not c.is_cpu for c in kv_caches):
+        return "the KV cache is not fp32 in CPU memory"
+    config = model.config
+    if config.hidden_act != "silu" or config.attention_bias:
+        return "the MLP is not SiLU-gated or the attention projections have a bias"
+    if config.head_dim % 2:
+        return "the head dimension is odd"
+    for layer in model.model.layers:
+        for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+            if not isinstance(linear, QuantizedLinear):
+                return "not every linear layer is quantized (use quantization='int8' or 'gguf')"
+            if linear.bias is not None or linear.padded_in_features != linear.in_features:
+                return "a linear layer has a bias or an input size that is not a multiple of 32"
+    return None
+
+
+class NativeStack:
+    """Runs LlamaModel.forward (embedding lookup in torch, the rest native) for steps of <= MAX_TOKENS tokens."""
+
+    max_tokens = MAX_TOKENS
+
+    def __init__(self, model: nn.Module, kv_caches: list[torch.Tensor]):
+        self.lib = _load_kernel()
+        config = model.config
+        inner = model.model
+        self.embed = inner.embed_tokens
+        self.hidden = config.hidden_size
+        rotary = model.rotary
+        self._keep = [rotary.cos.contiguous(), rotary.sin.contiguous()]  # the pointers below point into these
+        layers = (_Layer * len(inner.layers))()
+        for i, (layer, cache) in enumerate(zip(inner.layers, kv_caches)):
+            attn = layer.self_attn
+            norms = [getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)]
+            layers[i] = _Layer(layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
+                               *(n.weight.data_ptr() if n is not None else None for n in norms),
+                               _qlinear(attn.qkv_proj), _qlinear(attn.o_proj), _qlinear(layer.mlp.gate_up_proj),
+                               _qlinear(layer.mlp.down_proj), cache.data_ptr(), attn.attn.sliding_window or 0)
+        self._layers = layers
+        self.stack = _Stack(len(inner.layers), config.hidden_size, config.num_attention_heads,
+                            config.num_key_value_heads, config.head_dim, config.intermediate_size,
+                            kv_caches[0].shape[1], config.rms_norm_eps, inner.layers[0].self_attn.attn.scale,
+                            self._keep[0].data_ptr(), self._keep[1].data_ptr(), inner.norm.weight.data_ptr(), layers)
+        self._stack_ref = ctypes.byref(self.stack)
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        md = get_forward_context().metadata
+        if not isinstance(md, CpuMetadata):
+            raise TypeError("the native stack runs with the native attention backend's metadata")
+        positions = positions.to(torch.int64).contiguous()
+        h = self.embed(input_ids).to(torch.float32).contiguous()
+        out = torch.empty_like(h)
+        batch = _Batch(md.num_tokens, positions.data_ptr(), md.slots_ptr, md.tables_ptr, md.table_stride,
+                       md.lens_ptr, md.starts_ptr, md.num_decodes, md.num_requests, md.block_size)
+        self.lib.llama_stack_forward(self._stack_ref, ctypes.byref(batch), h.data_ptr(), out.data_ptr(),
+                                     md.num_threads)
+        return out
+
+
+def attach(model: nn.Module, kv_caches: list[torch.Tensor], backend) -> NativeStack | None:
+    """Give the model a native stack for small steps when it can run one (logged either way)."""
+    reason = unsupported_reason(model, kv_caches, backend)
+    if reason is None:
+        try:
+            model.native_stack = NativeStack(model, kv_caches)
+        except kernels.KernelBuildError as exc:
+            reason = f"the kernel did not build ({str(exc).splitlines()[0]})"
+        else:
+            logger.info("decoder stack: native for steps of up to %d tokens, torch above", MAX_TOKENS)
+            return model.native_stack
+    logger.info("decoder stack: torch (%s)", reason)
+    return None

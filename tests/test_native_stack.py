@@ -1,0 +1,203 @@
+"""The q4 (Q4_1) linear kernel and the native decoder stack (pagoda/layers/native_stack.py): each against the
+torch path over the same weights, on random tiny models of every Llama-layout architecture, and the default
+model with quantization="gguf" against its fp32 weights."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from pagoda.layers import native_stack
+from pagoda.layers.attention import BatchLayout, ForwardContext, forward_context
+from pagoda.layers.attention_cpu import CpuPagedBackend
+from pagoda.layers.linear import Linear
+from pagoda.layers.quantized import GROUP, Int8Linear, Q4Linear, q4_1_codes, quantize_model
+
+transformers = pytest.importorskip("transformers")
+
+from harness import Harness, hf_checkpoint  # noqa: E402
+
+
+def random_q4(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    d = (torch.rand(n, k // GROUP, generator=g) * 0.02).to(torch.float16)
+    m = (-8 * d.float() + torch.randn(n, k // GROUP, generator=g) * 0.01).to(torch.float16)
+    return codes, d, m
+
+
+def q4_weight(codes, d, m) -> torch.Tensor:
+    n, k = codes.shape
+    w = codes.double().view(n, -1, GROUP) * d.double().unsqueeze(-1) + m.double().unsqueeze(-1)
+    return w.view(n, k)
+
+
+@pytest.mark.parametrize("k,n", [(576, 960), (1536, 576), (64, 17), (96, 40), (32, 1)])
+@pytest.mark.parametrize("rows", [1, 3, 16, 64, 200])  # 200: the dequantize + GEMM path
+def test_q4_linear_matches_its_weights(k, n, rows):
+    codes, d, m = random_q4(n, k, seed=k + n)
+    layer = Q4Linear(codes, d, m)
+    w = q4_weight(codes, d, m)
+    assert torch.equal(layer.weight_fp32_t()[:, :n].t().double(), w.float().double())  # dequantized exactly
+    x = torch.randn(rows, k)
+    y, ref = layer(x).double(), x.double() @ w.T
+    scale = x.double().abs() @ w.abs().T
+    # int16 rounding of x (half a step of max|x_group| / 32767 per element) plus fp32 rounding
+    assert ((y - ref).abs() <= 4e-5 * scale + 1e-6).all(), ((y - ref).abs() / scale).max()
+
+
+def test_q4_1_blocks_unpack_to_the_ggml_layout():
+    """One Q4_1 block: fp16 d, fp16 m, element j in the low nibble of byte j, element j + 16 in its high one."""
+    codes = np.arange(32) % 16
+    block = np.zeros(20, dtype=np.uint8)
+    block[0:2] = np.frombuffer(np.float16(0.5).tobytes(), np.uint8)
+    block[2:4] = np.frombuffer(np.float16(-1.0).tobytes(), np.uint8)
+    block[4:] = codes[:16] | (codes[16:] << 4)
+    c, d, m = q4_1_codes(block[None, :], 1, 32)
+    assert c.tolist() == [codes.tolist()]
+    assert d.item() == 0.5 and m.item() == -1.0
+    assert Q4Linear(c, d, m).weight_fp32_t()[:, 0].tolist() == [0.5 * v - 1.0 for v in codes]
+
+
+# ---- the native stack on random tiny models ----------------------------------------------------------------
+
+def _configs():
+    common = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.15, rms_norm_eps=1e-5)
+    return {
+        "llama": transformers.LlamaConfig(**common, tie_word_embeddings=False),
+        "llama3-rope-tied": transformers.LlamaConfig(**common, tie_word_embeddings=True, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+        "qwen3": transformers.Qwen3Config(**common, head_dim=32, tie_word_embeddings=True),
+        "mistral-sliding": transformers.MistralConfig(**common, sliding_window=20, tie_word_embeddings=False),
+    }
+
+
+CONFIGS = _configs()
+
+
+def to_q4(model: torch.nn.Module) -> None:
+    """Quantize every Linear to Q4_1 values (min/max per group of 32), as a GGUF converter would."""
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, Linear)]:
+        w = module.weight.detach().view(module.out_features, -1, GROUP)
+        lo, hi = w.amin(-1), w.amax(-1)
+        d = ((hi - lo) / 15).to(torch.float16)
+        m = lo.to(torch.float16)
+        codes = ((w - m.float().unsqueeze(-1)) / d.float().clamp_min(1e-8).unsqueeze(-1)).round().clamp(0, 15)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf,
+                Q4Linear(codes.to(torch.uint8).view(module.out_features, -1), d, m))
+
+
+@pytest.fixture(scope="module", params=[(name, fmt) for name in sorted(CONFIGS) for fmt in ("int8", "q4")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
+def harness(request, tmp_path_factory):
+    name, fmt = request.param
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp(name)
+    transformers.AutoModelForCausalLM.from_config(CONFIGS[name], dtype=torch.float32).save_pretrained(directory)
+    h = Harness(hf_checkpoint(directory), budget=48)
+    h.runner.backend = CpuPagedBackend()
+    if fmt == "int8":
+        quantize_model(h.model, "int8")
+    else:
+        to_q4(h.model)
+    assert native_stack.attach(h.model, h.runner.kv_caches, h.runner.backend) is not None
+    return h
+
+
+def _prompts(vocab: int) -> list[list[int]]:
+    rng = random.Random(7)
+    return [[rng.randrange(vocab) for _ in range(n)] for n in (1, 5, 17, 40, 75)]
+
+
+def test_native_stack_generates_the_torch_tokens(harness):
+    """Mixed steps (decodes + prefill chunks of at most 48 tokens) all run natively here; preemption too."""
+    prompts = _prompts(harness.config.vocab_size)
+    native = harness.generate(prompts, 24)
+    stack, harness.model.native_stack = harness.model.native_stack, None
+    try:
+        torch_path = harness.generate(prompts, 24)
+    finally:
+        harness.model.native_stack = stack
+    assert native == torch_path
+
+
+def test_native_stack_hidden_states_and_cache_match_torch(harness):
+    """One mixed step (two decodes after cached contexts, one 7-token chunk): final hidden states and the KV
+    rows written agree with the torch modules to fp32 rounding."""
+    runner, model, bs = harness.runner, harness.model, 16
+    rng = np.random.default_rng(1)
+    context_lens = np.array([30, 3, 7])
+    query_start = np.array([0, 1, 2, 9])
+    tables = np.array([[0, 1], [2, 0], [3, 0]])
+    positions = np.concatenate([[29], [2], np.arange(7)])
+    rows = np.repeat(np.arange(3), np.diff(query_start))
+    slots = torch.from_numpy(tables[rows, positions // bs] * bs + positions % bs)
+    layout = BatchLayout(query_start, context_lens, tables, 2, bs, slots)
+    for cache in runner.kv_caches:  # a random cached past for the decodes
+        cache.copy_(torch.from_numpy(rng.standard_normal(cache.shape).astype(np.float32)))
+    ids = torch.from_numpy(rng.integers(0, harness.config.vocab_size, 9))
+    pos = torch.from_numpy(positions)
+
+    def run(stack):
+        saved = [c.clone() for c in runner.kv_caches]
+        model.native_stack = stack
+        md = runner.backend.build_metadata(layout, runner.windows)
+        with torch.inference_mode(), forward_context(ForwardContext(runner.backend, md, runner.kv_caches)):
+            hidden = model(ids, pos)
+        written = [c[:, slots].clone() for c in runner.kv_caches]
+        for c, s in zip(runner.kv_caches, saved):
+            c.copy_(s)
+        return hidden, written
+
+    stack = model.native_stack
+    try:
+        native, native_kv = run(stack)
+        reference, reference_kv = run(None)
+    finally:
+        model.native_stack = stack
+    # Both paths round each linear layer's input to int16 per group of 32 (a step is 2^-15 of the group's
+    # largest value); an fp32-rounding difference upstream can move one element by a step, so the bound is a
+    # few steps, not fp32 epsilon.
+    torch.testing.assert_close(native, reference, rtol=1e-3, atol=1e-3)
+    for a, b in zip(native_kv, reference_kv):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_native_stack_is_refused_with_reasons(harness):
+    model = harness.model
+    assert native_stack.unsupported_reason(model, harness.runner.kv_caches, object()) is not None
+    layer = model.model.layers[0].mlp
+    kept = layer.down_proj
+    layer.down_proj = Linear(kept.in_features, kept.out_features)
+    try:
+        assert "quantized" in native_stack.unsupported_reason(model, harness.runner.kv_caches, harness.runner.backend)
+    finally:
+        layer.down_proj = kept
+
+
+# ---- the default model: quantization="gguf" computes on the file's own blocks ------------------------------
+
+def test_gguf_quantization_uses_the_checkpoint_blocks_exactly(smollm_gguf, llm):
+    from pagoda import LLM, SamplingParams
+
+    fast = LLM(str(smollm_gguf), quantization="gguf", kv_cache_memory="256MiB", progress=False)
+    model = fast.engine.runner.model
+    assert model.native_stack is not None
+    layers = model.model.layers
+    assert all(isinstance(m, Q4Linear) for m in (layers[0].self_attn.qkv_proj, layers[29].mlp.down_proj))
+    assert isinstance(model.lm_head, Int8Linear)  # the Q8_0 embedding, as the tied LM head
+    fp32 = llm.engine.runner.model
+    for mine, theirs in [(layers[0].self_attn.qkv_proj, fp32.model.layers[0].self_attn.qkv_proj),
+                         (layers[17].mlp.gate_up_proj, fp32.model.layers[17].mlp.gate_up_proj),
+                         (model.lm_head, fp32.model.embed_tokens)]:
+        assert torch.equal(mine.weight_fp32_t()[:, :mine.out_features].t(), theirs.weight)
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "List five fruits:"]
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    assert ([o.outputs[0].token_ids for o in fast.generate(prompts, params)] ==
+            [o.outputs[0].token_ids for o in llm.generate(prompts, params)])
