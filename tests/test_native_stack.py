@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pagoda.layers import native_stack
+from pagoda.layers import native_stack, quantized
 from pagoda.layers.attention import BatchLayout, ForwardContext, forward_context
 from pagoda.layers.attention_cpu import CpuPagedBackend
 from pagoda.layers.linear import Linear
@@ -47,6 +47,17 @@ def test_q4_linear_matches_its_weights(k, n, rows):
     scale = x.double().abs() @ w.abs().T
     # int16 rounding of x (half a step of max|x_group| / 32767 per element) plus fp32 rounding
     assert ((y - ref).abs() <= 4e-5 * scale + 1e-6).all(), ((y - ref).abs() / scale).max()
+
+
+def test_q4_torch_fallback_reads_the_packed_layout_the_same(monkeypatch):
+    """Without the compiled kernels (no compiler), the torch path unpacks the same chunks to the same weights."""
+    codes, d, m = random_q4(40, 96, seed=5)
+    layer = Q4Linear(codes, d, m)
+    native, x = layer.weight_fp32_t().clone(), torch.randn(3, 96)
+    monkeypatch.setattr(quantized, "_library", False)
+    monkeypatch.setattr(quantized, "_kernel", lambda: None)
+    torch.testing.assert_close(layer.weight_fp32_t(), native, rtol=0, atol=0)
+    torch.testing.assert_close(layer(x), x @ q4_weight(codes, d, m).float().T, rtol=1e-5, atol=1e-5)
 
 
 def test_q4_1_blocks_unpack_to_the_ggml_layout():

@@ -131,8 +131,11 @@ inline int tile_rows(int64_t N, int64_t t) { return static_cast<int>(N - t * NT 
 
 
 // ---- q4 (Q4_1 values) ---------------------------------------------------------------------------------------
-// Packed layout, made by pagoda/layers/quantized.py (`pack_q4`): the int8 layout's 32-byte k-pair units, two
-// per byte: byte b of unit j4 holds pair 2*j4's byte b in its low nibble and pair 2*j4+1's in its high one.
+// Packed layout, made by pagoda/layers/quantized.py (`pack_q4`): two of the int8 layout's 32-byte k-pair units
+// (A = pair 2*j4, B = pair 2*j4+1; bytes 0-15 hold rows 0-7, bytes 16-31 rows 8-15) share one 32-byte chunk of
+// 16 little-endian uint16 words: word L = A[L] | A[16+L] << 4 | B[L] << 8 | B[16+L] << 12. So four shifts and
+// masks of one load give the four int16 operands (A rows 0-7, A rows 8-15, B rows 0-7, B rows 8-15) with no
+// shuffle instructions.
 //   q4  [T][K/4][32]   uint8   (T = ceil(N / 16))
 //   d   [T][K/32][16]  fp16    scale of the group, row t*16 + i
 //   m   [T][K/32][16]  fp16    offset of the group
@@ -140,10 +143,19 @@ inline int tile_rows(int64_t N, int64_t t) { return static_cast<int>(N - t * NT 
 // first sum is exact in int32 (|sum| <= 32 * 15 * 32767), the second is xs = dx * sum(xq), one per row and
 // group, precomputed. So the result equals x~ @ W^T up to fp32 rounding of the per-group terms.
 
+// One 32-byte chunk -> int16 codes: w[0] = A rows 0-7, w[1] = A rows 8-15, w[2] = B rows 0-7, w[3] = B rows 8-15.
+inline void unpack_q4(const uint8_t* chunk, __m256i (&w)[4]) {
+    const __m256i low4 = _mm256_set1_epi16(0x000F);
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk));
+    w[0] = _mm256_and_si256(b, low4);
+    w[1] = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);
+    w[2] = _mm256_and_si256(_mm256_srli_epi16(b, 8), low4);
+    w[3] = _mm256_srli_epi16(b, 12);
+}
+
 template <int MR>
 inline void q4_tile_kernel(const int16_t* xq, const float* dx, const float* xs, int64_t K, const uint8_t* q,
                            const uint16_t* d, const uint16_t* mo, int64_t groups, float* y, int64_t ldy, int valid) {
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
     __m256 acc[MR][2];
     for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
@@ -152,21 +164,16 @@ inline void q4_tile_kernel(const int16_t* xq, const float* dx, const float* xs, 
         const uint8_t* qg = q + g * (QK / 2) * NT;
 #pragma GCC unroll 2
         for (int j4 = 0; j4 < QK / 4; ++j4) {
-            const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg + j4 * 32));
-            const __m256i lo = _mm256_and_si256(b, low4);                         // k pair 2*j4
-            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);  // k pair 2*j4 + 1
-            const __m256i wl0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(lo));
-            const __m256i wl1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(lo, 1));
-            const __m256i wh0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(hi));
-            const __m256i wh1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(hi, 1));
+            __m256i w[4];
+            unpack_q4(qg + j4 * 32, w);
             for (int m = 0; m < MR; ++m) {
                 int32_t pairs[2];
                 std::memcpy(pairs, xq + m * K + g * QK + j4 * 4, sizeof pairs);
                 const __m256i xa = _mm256_set1_epi32(pairs[0]), xb = _mm256_set1_epi32(pairs[1]);
                 isum[m][0] = _mm256_add_epi32(isum[m][0],
-                                              _mm256_add_epi32(_mm256_madd_epi16(wl0, xa), _mm256_madd_epi16(wh0, xb)));
+                                              _mm256_add_epi32(_mm256_madd_epi16(w[0], xa), _mm256_madd_epi16(w[2], xb)));
                 isum[m][1] = _mm256_add_epi32(isum[m][1],
-                                              _mm256_add_epi32(_mm256_madd_epi16(wl1, xa), _mm256_madd_epi16(wh1, xb)));
+                                              _mm256_add_epi32(_mm256_madd_epi16(w[1], xa), _mm256_madd_epi16(w[3], xb)));
             }
         }
         const __m256 d0 = scales8(d + g * NT), d1 = scales8(d + g * NT + 8);
@@ -253,7 +260,6 @@ void q4_dequantize_t(const uint8_t* q, const uint16_t* d, const uint16_t* mo, in
                      int threads) {
     const int64_t tiles = (N + NT - 1) / NT, groups = K / QK, ld = tiles * NT;
     const __m256i even = _mm256_set1_epi32(1), odd = _mm256_set1_epi32(1 << 16);
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < tiles; ++t) {
         for (int64_t g = 0; g < groups; ++g) {
@@ -262,13 +268,12 @@ void q4_dequantize_t(const uint8_t* q, const uint16_t* d, const uint16_t* mo, in
             const __m256 s[2] = {scales8(d + sg), scales8(d + sg + 8)};
             const __m256 o[2] = {scales8(mo + sg), scales8(mo + sg + 8)};
             for (int j4 = 0; j4 < QK / 4; ++j4) {
-                const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg + j4 * 32));
-                const __m256i pairs[2] = {_mm256_and_si256(b, low4), _mm256_and_si256(_mm256_srli_epi16(b, 4), low4)};
+                __m256i w4[4];
+                unpack_q4(qg + j4 * 32, w4);
                 for (int p = 0; p < 2; ++p) {
                     float* row = out + (g * QK + 4 * j4 + 2 * p) * ld + t * NT;  // k row; k + 1 is ld further
                     for (int h = 0; h < 2; ++h) {
-                        const __m256i w = _mm256_cvtepu8_epi16(h ? _mm256_extracti128_si256(pairs[p], 1)
-                                                                 : _mm256_castsi256_si128(pairs[p]));
+                        const __m256i w = w4[2 * p + h];
                         _mm256_storeu_ps(row + h * 8,
                                          _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(w, even)), s[h], o[h]));
                         _mm256_storeu_ps(row + ld + h * 8,

@@ -78,15 +78,25 @@ def unpack(qt: torch.Tensor, st: torch.Tensor, n: int) -> tuple[torch.Tensor, to
 
 def pack_q4(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Row-major Q4_1 values (codes uint8 [N, K] in [0, 15], d and m fp16 [N, K/32]) -> the q4 kernel's tiles:
-    codes [T, K/4, 32] uint8 (the int8 layout's 32-byte k-pair units, two per byte: even unit low nibble, odd
-    unit high nibble), d and m [T, K/32, 16]; pad rows are zero."""
+    codes [T, K/4, 32] uint8 (two of the int8 layout's 32-byte k-pair units A, B per chunk of 16 uint16 words,
+    word L = A[L] | A[16+L] << 4 | B[L] << 8 | B[16+L] << 12), d and m [T, K/32, 16]; pad rows are zero."""
     n, k = codes.shape
     if k % GROUP:
         raise ValueError(f"q4 weights need K divisible by {GROUP}, got {k}")
     units, d_tiles = pack(codes.view(torch.int8), d.view(torch.int16))
     _, m_tiles = pack(codes.view(torch.int8), m.view(torch.int16))
-    units = units.view(torch.uint8).reshape(units.shape[0], k // 4, 2, 32)
-    return units[:, :, 0] | (units[:, :, 1] << 4), d_tiles, m_tiles
+    u = units.view(torch.uint8).reshape(units.shape[0], k // 4, 2, 32).to(torch.int32)
+    words = u[:, :, 0, :16] | (u[:, :, 0, 16:] << 4) | (u[:, :, 1, :16] << 8) | (u[:, :, 1, 16:] << 12)
+    return words.to(torch.int16).contiguous().view(torch.uint8), d_tiles, m_tiles
+
+
+def unpack_q4_units(qweight: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_q4's chunking: [T, K/4, 32] uint8 -> the int8 layout's units [T, K/2, 16, 2]."""
+    words = qweight.view(torch.int16).to(torch.int32) & 0xFFFF  # [T, K/4, 16]
+    a = torch.cat((words & 0xF, (words >> 4) & 0xF), dim=-1)
+    b = torch.cat(((words >> 8) & 0xF, (words >> 12) & 0xF), dim=-1)
+    units = torch.stack((a, b), dim=2).to(torch.int8)  # [T, K/4, 2, 32]
+    return units.view(qweight.shape[0], -1, TILE, 2)
 
 
 def q4_1_codes(blocks: np.ndarray, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -251,9 +261,9 @@ class Q4Linear(QuantizedLinear):
         lib = _kernel()
         k, tiles = self.padded_in_features, self.qweight.shape[0]
         if lib is None:
-            units = torch.stack((self.qweight & 0x0F, self.qweight >> 4), dim=2).view(tiles, k // 2, TILE, 2)
-            codes, d = unpack(units.view(torch.int8), self.scales, self.out_features)
-            _, m = unpack(units.view(torch.int8), self.offsets, self.out_features)
+            units = unpack_q4_units(self.qweight)
+            codes, d = unpack(units, self.scales, self.out_features)
+            _, m = unpack(units, self.offsets, self.out_features)
             w = codes.view(torch.uint8).float().view(self.out_features, -1, GROUP)
             w = w * d.view(torch.float16).float().unsqueeze(-1) + m.view(torch.float16).float().unsqueeze(-1)
             return w.view(self.out_features, k).t()
