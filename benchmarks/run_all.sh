@@ -18,7 +18,6 @@ export PEERS
 [ -x "$PEERS/vllm-venv/bin/python" ] || bash benchmarks/peers/setup_vllm.sh
 [ -f "$PEERS/smollm2-hf/config.json" ] || "$PY" benchmarks/peers/export_hf.py "$PEERS/smollm2-hf"
 
-"$PY" benchmarks/ceilings.py
 "$PY" benchmarks/workloads.py pagoda --runs "$RUNS" --server-args --kv-cache-memory 4GiB
 "$PY" benchmarks/workloads.py llamacpp --only W1 W2 --runs "$RUNS"
 "$PY" benchmarks/workloads.py llamacpp --only W3 --runs "$W3_PEER_RUNS" --label llamacpp-w3
@@ -29,4 +28,5 @@ export PEERS
 "$PY" benchmarks/batching.py --runs "$RUNS"
 "$PY" benchmarks/kv_capacity.py
 "$PY" benchmarks/hf_baseline.py
+"$PY" benchmarks/ceilings.py
 "$PY" benchmarks/report.py

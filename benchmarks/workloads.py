@@ -59,12 +59,15 @@ def server_command(system: str, port: int, args: argparse.Namespace) -> list[str
     raise SystemExit(f"unknown system {system!r}")
 
 
-def bench_command(url: str, workload: Workload, result: Path, args: argparse.Namespace) -> list[str]:
+def bench_command(url: str, workload: Workload, result: Path, args: argparse.Namespace, run: int) -> list[str]:
     return [sys.executable, "-m", "pagoda.cli", "bench", "serve", "--url", url, "--model", "smollm2",
             "--tokenizer", args.model, "--endpoint", "/v1/completions", "--ignore-eos",
             "--concurrency", str(workload.concurrency), "--num-prompts", str(workload.num_prompts),
             "--input-len", str(workload.input_len), "--output-len", str(workload.output_len),
-            "--new-connection-per-request", "--result-json", str(result)]
+            "--new-connection-per-request", "--result-json", str(result),
+            # new prompts for every run and workload: the servers cache prefixes, and a repeated prompt (or the
+            # same random start drawn for two workloads) would skip its prefill
+            "--seed", str(100 * run + sorted(WORKLOADS).index(workload.name))]
 
 
 def process_tree_rss(pid: int) -> int:
@@ -117,7 +120,7 @@ def main() -> int:
             for name in args.only:
                 result = out_dir / f"{args.label or args.system}-{name}-run{run}.json"
                 print(f"== {args.system} {name} run {run}", flush=True)
-                subprocess.run(bench_command(url, WORKLOADS[name], result, args), check=True)
+                subprocess.run(bench_command(url, WORKLOADS[name], result, args, run), check=True)
                 info["rss_after"][f"{name}-run{run}"] = process_tree_rss(server.pid)
         (out_dir / f"{args.label or args.system}-server.json").write_text(json.dumps(info, indent=2))
     finally:

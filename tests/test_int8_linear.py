@@ -13,7 +13,7 @@ from pagoda.layers.quantized import GROUP, Int8Linear, dequantize, pack, quantiz
 from tests.harness import sequence_logprobs
 
 SHAPES = [(576, 960), (576, 3072), (1536, 576), (576, 576), (64, 17), (96, 33), (32, 1), (100, 40)]  # (K, N)
-ROWS = [1, 3, 16, 64, 200]  # 200: above KERNEL_MAX_ROWS, the dequantize + GEMM path
+ROWS = [1, 3, 16, 64, 200]  # 200: above INT8_KERNEL_MAX_ROWS, the dequantize + GEMM path
 
 
 def weight(layer: Int8Linear) -> torch.Tensor:
@@ -71,7 +71,7 @@ def test_kernel_matches_reference(layer: Int8Linear, m: int) -> None:
     assert y.dtype == torch.float32 and y.shape == (m, layer.out_features)
     if layer.out_features >= 64:  # over many outputs the int16 rounding of x averages out (measured: ~2e-5)
         assert (y.double() - expected).norm() <= 1e-4 * expected.norm()
-    if m <= quantized.KERNEL_MAX_ROWS:  # the kernel: exact integer products of the rounded x, fp32 group scaling
+    if m <= quantized.INT8_KERNEL_MAX_ROWS:  # the kernel: exact integer products of the rounded x, fp32 group scaling
         exact = round_activations(x).double() @ weight(layer).T
         assert ((y.double() - exact).abs() <= 1e-5 * magnitude(layer, x)).all()
         assert ((y.double() - expected).abs() <= error_bound(layer, x)).all()
@@ -201,7 +201,7 @@ PROMPTS = [
     "Explain in simple terms why the sky is blue.",
     "import numpy as np\n\ndef softmax(x):",
     "Relational databases store data in tables. A table has rows and columns, and each row is one record. " * 4
-    + "For example, a table of customers might hold",  # over KERNEL_MAX_ROWS tokens: the prefill takes the GEMM path
+    + "For example, a table of customers might hold",  # over INT8_KERNEL_MAX_ROWS tokens: the prefill takes the GEMM path
 ]
 TOKENS = 32
 

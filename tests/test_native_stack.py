@@ -138,21 +138,27 @@ def test_native_stack_generates_the_torch_tokens(harness):
     assert native == torch_path
 
 
-def test_native_stack_hidden_states_and_cache_match_torch(harness):
-    """One mixed step (two decodes after cached contexts, one 7-token chunk): final hidden states and the KV
-    rows written agree with the torch modules to fp32 rounding."""
+@pytest.mark.parametrize("chunk", [7, 100])
+def test_native_stack_hidden_states_and_cache_match_torch(harness, chunk):
+    """One mixed step (two decodes after cached contexts, one chunk of 7 or 100 tokens): final hidden states and
+    the KV rows written agree with the torch modules."""
     runner, model, bs = harness.runner, harness.model, 16
+    if model.native_stack.max_tokens is not None and chunk + 2 > model.native_stack.max_tokens:
+        pytest.skip("int8 layers: steps this large run on the torch path")
     rng = np.random.default_rng(1)
-    context_lens = np.array([30, 3, 7])
-    query_start = np.array([0, 1, 2, 9])
-    tables = np.array([[0, 1], [2, 0], [3, 0]])
-    positions = np.concatenate([[29], [2], np.arange(7)])
+    chunk_blocks = -(-chunk // bs)
+    context_lens = np.array([30, 3, chunk])
+    query_start = np.array([0, 1, 2, 2 + chunk])
+    tables = np.zeros((3, max(2, chunk_blocks)), dtype=np.int64)
+    tables[0, :2], tables[1, 0] = [0, 1], 2
+    tables[2, :chunk_blocks] = np.arange(3, 3 + chunk_blocks)
+    positions = np.concatenate([[29], [2], np.arange(chunk)])
     rows = np.repeat(np.arange(3), np.diff(query_start))
     slots = torch.from_numpy(tables[rows, positions // bs] * bs + positions % bs)
     layout = BatchLayout(query_start, context_lens, tables, 2, bs, slots)
     for cache in runner.kv_caches:  # a random cached past for the decodes
         cache.copy_(torch.from_numpy(rng.standard_normal(cache.shape).astype(np.float32)))
-    ids = torch.from_numpy(rng.integers(0, harness.config.vocab_size, 9))
+    ids = torch.from_numpy(rng.integers(0, harness.config.vocab_size, 2 + chunk))
     pos = torch.from_numpy(positions)
 
     def run(stack):

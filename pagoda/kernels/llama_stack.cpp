@@ -8,8 +8,9 @@
 // torch modules' (models/llama.py, models/qwen3.py, layers/common.py): the tests compare the two paths.
 //
 // Why: a decode step of a 135M model is ~30 layers x ~15 small tensor ops; in torch each op costs a few
-// microseconds of dispatch, which at batch 1 is more than the arithmetic. Here the element-wise work runs
-// single-threaded in place (it is tiny), and only the matmuls and attention fork OpenMP threads.
+// microseconds of dispatch, which at batch 1 is more than the arithmetic. Here the element-wise work runs in
+// place, single-threaded for small steps (it is tiny) and split over tokens for large ones; the matmuls and
+// attention fork OpenMP threads.
 //
 // Layouts: h, out [T, hidden] fp32 row-major; the KV cache of a layer is [2, num_slots, Hkv, D] fp32; rotary
 // tables cos, sin [max_positions, D/2] (rotate-half layout). Every K dimension is a multiple of 32.
@@ -117,6 +118,13 @@ void add_rows(float* h, const float* delta, int64_t n) {
     for (; i < n; ++i) h[i] += delta[i];
 }
 
+constexpr int64_t PARALLEL_ROWS = 32;  // below this many tokens the element-wise work is not worth a fork
+
+void norm_rows(const float* h, const float* w, const Stack& S, int64_t T, float* out, int threads) {
+#pragma omp parallel for num_threads(threads) if (T >= PARALLEL_ROWS)
+    for (int64_t t = 0; t < T; ++t) rmsnorm(h + t * S.hidden, w, S.hidden, S.eps, out + t * S.hidden);
+}
+
 struct Buffers {
     std::vector<float> x, qkv, attn, tmp, gate_up, act;
     void resize(const Stack& S, int64_t T) {
@@ -133,6 +141,7 @@ struct Buffers {
 void attention(const Stack& S, const Layer& L, const Batch& B, float* qkv, float* out, int threads) {
     const int64_t T = B.num_tokens, H = S.heads, Hkv = S.kv_heads, D = S.head_dim, half = D / 2;
     const int64_t qkv_n = (H + 2 * Hkv) * D;
+#pragma omp parallel for num_threads(threads) if (T >= PARALLEL_ROWS)
     for (int64_t t = 0; t < T; ++t) {
         float* row = qkv + t * qkv_n;
         const float* c = S.cos + B.positions[t] * half;
@@ -169,19 +178,21 @@ void llama_stack_forward(const Stack* stack, const Batch* batch, float* h, float
     buf.resize(S, T);
     for (int64_t l = 0; l < S.num_layers; ++l) {
         const Layer& L = S.layers[l];
-        for (int64_t t = 0; t < T; ++t) rmsnorm(h + t * S.hidden, L.attn_norm, S.hidden, S.eps, buf.x.data() + t * S.hidden);
+        norm_rows(h, L.attn_norm, S, T, buf.x.data(), threads);
         linear(L.qkv, buf.x.data(), T, buf.qkv.data(), threads);
         attention(S, L, B, buf.qkv.data(), buf.attn.data(), threads);
         linear(L.o, buf.attn.data(), T, buf.tmp.data(), threads);
         add_rows(h, buf.tmp.data(), T * S.hidden);
-        for (int64_t t = 0; t < T; ++t) rmsnorm(h + t * S.hidden, L.ffn_norm, S.hidden, S.eps, buf.x.data() + t * S.hidden);
+        norm_rows(h, L.ffn_norm, S, T, buf.x.data(), threads);
         linear(L.gate_up, buf.x.data(), T, buf.gate_up.data(), threads);
-        for (int64_t t = 0; t < T; ++t)
-            silu_mul(buf.gate_up.data() + t * 2 * I, buf.gate_up.data() + t * 2 * I + I, I, buf.act.data() + t * I);
+        const float* gate_up = buf.gate_up.data();
+        float* act = buf.act.data();
+#pragma omp parallel for num_threads(threads) if (T >= PARALLEL_ROWS)
+        for (int64_t t = 0; t < T; ++t) silu_mul(gate_up + t * 2 * I, gate_up + t * 2 * I + I, I, act + t * I);
         linear(L.down, buf.act.data(), T, buf.tmp.data(), threads);
         add_rows(h, buf.tmp.data(), T * S.hidden);
     }
-    for (int64_t t = 0; t < T; ++t) rmsnorm(h + t * S.hidden, S.final_norm, S.hidden, S.eps, out + t * S.hidden);
+    norm_rows(h, S.final_norm, S, T, out, threads);
 }
 
 }  // extern "C"

@@ -156,8 +156,11 @@ inline void unpack_q4(const uint8_t* chunk, __m256i (&w)[4]) {
 template <int MR>
 inline void q4_tile_kernel(const int16_t* xq, const float* dx, const float* xs, int64_t K, const uint8_t* q,
                            const uint16_t* d, const uint16_t* mo, int64_t groups, float* y, int64_t ldy, int valid) {
-    __m256 acc[MR][2];
-    for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    // The fp32 accumulators live in memory, updated once per group: the registers go to the int32 sums (2 per
+    // row), the codes (4) and the x pairs (2), so 4 rows fit without spills in the inner loop.
+    alignas(32) float acc_mem[MR][NT];
+    for (int m = 0; m < MR; ++m)
+        for (int i = 0; i < NT; ++i) acc_mem[m][i] = 0.0f;
     for (int64_t g = 0; g < groups; ++g) {
         __m256i isum[MR][2];
         for (int m = 0; m < MR; ++m) isum[m][0] = isum[m][1] = _mm256_setzero_si256();
@@ -180,13 +183,15 @@ inline void q4_tile_kernel(const int16_t* xq, const float* dx, const float* xs, 
         const __m256 m0 = scales8(mo + g * NT), m1 = scales8(mo + g * NT + 8);
         for (int m = 0; m < MR; ++m) {
             const __m256 dm = _mm256_set1_ps(dx[m * groups + g]), sm = _mm256_set1_ps(xs[m * groups + g]);
-            acc[m][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m][0]), _mm256_mul_ps(d0, dm), acc[m][0]);
-            acc[m][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m][1]), _mm256_mul_ps(d1, dm), acc[m][1]);
-            acc[m][0] = _mm256_fmadd_ps(m0, sm, acc[m][0]);
-            acc[m][1] = _mm256_fmadd_ps(m1, sm, acc[m][1]);
+            __m256 a0 = _mm256_load_ps(acc_mem[m]), a1 = _mm256_load_ps(acc_mem[m] + 8);
+            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m][0]), _mm256_mul_ps(d0, dm), a0);
+            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m][1]), _mm256_mul_ps(d1, dm), a1);
+            _mm256_store_ps(acc_mem[m], _mm256_fmadd_ps(m0, sm, a0));
+            _mm256_store_ps(acc_mem[m] + 8, _mm256_fmadd_ps(m1, sm, a1));
         }
+        asm volatile("" : : "r"(&acc_mem[0][0]) : "memory");  // keep acc_mem in memory (see above)
     }
-    store_tile<MR>(acc, y, ldy, valid);
+    for (int m = 0; m < MR; ++m) std::memcpy(y + m * ldy, acc_mem[m], sizeof(float) * valid);
 }
 
 inline void q4_tile_all_rows(const int16_t* xq, const float* dx, const float* xs, int64_t M, int64_t K,

@@ -3,8 +3,9 @@
 A decode step of a small model is dominated by per-op overhead, not arithmetic: ~30 layers x ~15 torch ops,
 each a few microseconds of dispatch. `NativeStack` hands the whole stack (norms, quantized projections,
 rotary, KV-cache write, paged attention, MLP, final norm) to one C++ call over the same weights and cache the
-torch modules use. It serves steps of at most MAX_TOKENS tokens; larger steps (prefill chunks, which are
-compute-bound and run best on torch's GEMM) go through the torch modules. Both paths give the same results
+torch modules use. It serves every step when all its linear layers run their kernel at any batch size (q4),
+else steps of at most the smallest `kernel_max_rows` (int8: 64; larger steps are compute-bound and run best on
+torch's GEMM over the dequantized weight, through the torch modules). Both paths give the same results
 up to fp32 rounding order (tests/test_native_stack.py).
 
 It applies when every piece has a native twin: Llama-layout layers (SiLU MLP, no projection bias, optional
@@ -27,7 +28,6 @@ from pagoda.layers.quantized import QuantizedLinear
 
 logger = logging.getLogger("pagoda")
 
-MAX_TOKENS = 64  # the quantized kernels' batch limit (quantized.KERNEL_MAX_ROWS): above it torch's GEMM wins
 
 _I64, _F32, _P = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
@@ -91,9 +91,7 @@ def unsupported_reason(model: nn.Module, kv_caches: list[torch.Tensor], backend)
 
 
 class NativeStack:
-    """Runs LlamaModel.forward (embedding lookup in torch, the rest native) for steps of <= MAX_TOKENS tokens."""
-
-    max_tokens = MAX_TOKENS
+    """Runs LlamaModel.forward (embedding lookup in torch, the rest native) for the steps it serves (max_tokens)."""
 
     def __init__(self, model: nn.Module, kv_caches: list[torch.Tensor]):
         self.lib = _load_kernel()
@@ -117,6 +115,9 @@ class NativeStack:
                             kv_caches[0].shape[1], config.rms_norm_eps, inner.layers[0].self_attn.attn.scale,
                             self._keep[0].data_ptr(), self._keep[1].data_ptr(), inner.norm.weight.data_ptr(), layers)
         self._stack_ref = ctypes.byref(self.stack)
+        limits = [m.kernel_max_rows for m in model.model.modules() if isinstance(m, QuantizedLinear)]
+        # the largest step it serves; None: every step
+        self.max_tokens = None if all(x is None for x in limits) else min(x for x in limits if x is not None)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         md = get_forward_context().metadata
@@ -141,7 +142,9 @@ def attach(model: nn.Module, kv_caches: list[torch.Tensor], backend) -> NativeSt
         except kernels.KernelBuildError as exc:
             reason = f"the kernel did not build ({str(exc).splitlines()[0]})"
         else:
-            logger.info("decoder stack: native for steps of up to %d tokens, torch above", MAX_TOKENS)
+            limit = model.native_stack.max_tokens
+            logger.info("decoder stack: native for %s", "every step" if limit is None else
+                        f"steps of up to {limit} tokens, torch above")
             return model.native_stack
     logger.info("decoder stack: torch (%s)", reason)
     return None

@@ -32,7 +32,7 @@ logger = logging.getLogger("pagoda")
 
 GROUP = 32  # weights per scale along K (Q8_0's block)
 TILE = 16  # output rows per packed tile: the kernels' layout unit (see quant_linear.cpp)
-KERNEL_MAX_ROWS = 64  # above this many input rows the fp32 GEMM on a dequantized weight is faster (measured)
+INT8_KERNEL_MAX_ROWS = 64  # above this many input rows the fp32 GEMM on a dequantized int8 weight is faster
 QUANTIZATIONS = ("int8", "gguf")
 
 
@@ -142,6 +142,8 @@ class QuantizedLinear(nn.Module):
     Subclasses hold the packed buffers and say how to run the kernel and how to dequantize."""
 
     kind = 0  # the fused decoder's code for this format (pagoda/kernels/llama_stack.cpp)
+    # Batches of more rows than this take torch's GEMM on the dequantized weight; None: the kernel always.
+    kernel_max_rows: int | None = None
 
     def __init__(self, out_features: int, in_features: int, bias: torch.Tensor | None):
         super().__init__()
@@ -188,7 +190,8 @@ class QuantizedLinear(nn.Module):
         if rows.dtype != torch.float32 or x.shape[-1] != k or not rows.is_contiguous():
             rows = F.pad(rows.to(torch.float32), (0, k - x.shape[-1])).contiguous()
         lib = _library
-        if lib and rows.shape[0] <= KERNEL_MAX_ROWS:
+        limit = self.kernel_max_rows
+        if lib and (limit is None or rows.shape[0] <= limit):
             y = torch.empty((rows.shape[0], n), dtype=torch.float32)
             self.run_kernel(lib, rows, y)
         else:
@@ -204,6 +207,7 @@ class Int8Linear(QuantizedLinear):
     """W quantized to int8 on construction (exact for weights that were Q8_0)."""
 
     kind = 1
+    kernel_max_rows = INT8_KERNEL_MAX_ROWS
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__(*weight.shape, bias)
@@ -236,7 +240,9 @@ class Int8Linear(QuantizedLinear):
 
 
 class Q4Linear(QuantizedLinear):
-    """W given as Q4_1 values: codes [N, K] in [0, 15], fp16 d and m per group of 32 (w = d * c + m)."""
+    """W given as Q4_1 values: codes [N, K] in [0, 15], fp16 d and m per group of 32 (w = d * c + m). The kernel
+    runs at every batch size: on this machine it beats torch's fp32 GEMM even on a pre-dequantized weight, at
+    1 to 512 rows (BENCHMARKS.md)."""
 
     kind = 2
 

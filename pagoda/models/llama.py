@@ -114,8 +114,9 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if self.native_stack is not None and input_ids.shape[0] <= self.native_stack.max_tokens:
-            return self.native_stack(input_ids, positions)
+        stack = self.native_stack
+        if stack is not None and (stack.max_tokens is None or input_ids.shape[0] <= stack.max_tokens):
+            return stack(input_ids, positions)
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

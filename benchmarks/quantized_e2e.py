@@ -1,4 +1,5 @@
-"""End-to-end int8 vs fp32 on the default model: decode speed and output quality.
+"""End-to-end quantized (gguf: the file's own blocks; int8: requantized) vs fp32 weights on the default model:
+decode speed and output quality.
 
 Speed: one request (or --batch requests at once), greedy, ignore_eos, --tokens tokens; time per output token
 after the first (steps after the prefill step), best of --repeats runs.
@@ -6,7 +7,7 @@ Quality: --prompts prompts x --quality-tokens greedy tokens. Reports greedy agre
 common prefix length), and, teacher-forced on fp32's greedy continuation, top-1 agreement and |logprob|
 differences of fp32's chosen tokens.
 
-    python benchmarks/int8_e2e.py [--model PATH_OR_NAME] [--tokens 128] [--batch 1,16]
+    python benchmarks/quantized_e2e.py [--model PATH_OR_NAME] [--methods gguf,int8] [--tokens 128] [--batch 1,16]
 """
 
 from __future__ import annotations
@@ -86,19 +87,23 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128, help="tokens per request for speed (default: 128)")
     parser.add_argument("--batch", default="1,16", help="requests at once for speed (default: 1,16)")
     parser.add_argument("--repeats", type=int, default=3, help="speed runs, best taken (default: 3)")
+    parser.add_argument("--methods", default="gguf,int8", help="quantizations to compare with fp32 (default: gguf,int8)")
     parser.add_argument("--prompts", type=int, default=8, help=f"quality prompts, at most {len(PROMPTS)}")
     parser.add_argument("--quality-tokens", type=int, default=64, help="greedy tokens per prompt (default: 64)")
     args = parser.parse_args()
     kwargs = {"dtype": "float32", "kv_cache_memory": "512MiB", "progress": False}
-    llms = {"fp32": LLM(args.model, **kwargs), "int8": LLM(args.model, quantization="int8", **kwargs)}
+    methods = args.methods.split(",")
+    llms = {"fp32": LLM(args.model, quantization=None, **kwargs)}
+    llms.update({method: LLM(args.model, quantization=method, **kwargs) for method in methods})
     print(f"threads={torch.get_num_threads()}")
     for batch in (int(b) for b in args.batch.split(",")):
         for name, llm in llms.items():
             seconds = decode_seconds_per_token(llm, batch, args.tokens, args.repeats)
             print(f"decode batch={batch:>3} {name}: {seconds * 1e3:7.2f} ms/step  {batch / seconds:8.1f} tok/s",
                   flush=True)
-    for key, value in quality(llms["fp32"], llms["int8"], args.prompts, args.quality_tokens).items():
-        print(f"{key}: {value:.4f}")
+    for method in methods:
+        for key, value in quality(llms["fp32"], llms[method], args.prompts, args.quality_tokens).items():
+            print(f"{method} {key}: {value:.4f}")
 
 
 if __name__ == "__main__":
