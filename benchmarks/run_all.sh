@@ -25,6 +25,9 @@ export PEERS
   --server-args --dtype float32
 "$PY" benchmarks/workloads.py vllm --label vllm-fp32-w3 --hf-dir "$PEERS/smollm2-hf" --only W3 \
   --runs "$W3_PEER_RUNS" --server-args --dtype float32
+# a third W1 run for both single-stream contenders (W1 varies most between runs), in fresh servers
+"$PY" benchmarks/workloads.py pagoda --label pagoda-w1 --only W1 --runs 1 --first-run 3
+"$PY" benchmarks/workloads.py llamacpp --label llamacpp-w1 --only W1 --runs 1 --first-run 3
 "$PY" benchmarks/batching.py --runs "$RUNS"
 "$PY" benchmarks/kv_capacity.py
 "$PY" benchmarks/hf_baseline.py

@@ -100,6 +100,7 @@ def main() -> int:
     parser.add_argument("--hf-dir", default=None, help="HF directory of the model (vLLM)")
     parser.add_argument("--only", nargs="*", default=sorted(WORKLOADS), help="workloads to run (default: all)")
     parser.add_argument("--runs", type=int, default=2, help="runs of each workload (default: 2)")
+    parser.add_argument("--first-run", type=int, default=1, help="number of the first run (to add runs later)")
     parser.add_argument("--label", default=None, help="result file prefix (default: the system name)")
     parser.add_argument("--server-args", nargs=argparse.REMAINDER, default=[],
                         help="extra arguments for the server command (last on the line)")
@@ -116,7 +117,7 @@ def main() -> int:
         info = {"system": args.system, "server_args": args.server_args, "ready_s": time.monotonic() - start,
                 "rss_ready_bytes": process_tree_rss(server.pid), "rss_after": {}}
         print(f"{args.system} ready in {info['ready_s']:.1f} s", flush=True)
-        for run in range(1, args.runs + 1):
+        for run in range(args.first_run, args.first_run + args.runs):
             for name in args.only:
                 result = out_dir / f"{args.label or args.system}-{name}-run{run}.json"
                 print(f"== {args.system} {name} run {run}", flush=True)
