@@ -10,14 +10,16 @@ Small batches (decode) run the AVX2 kernels of pagoda/kernels/quant_linear.cpp, 
 once per call whatever the batch, so a decode step moves a quarter (int8) or a sixth (q4) of the fp32 weight
 bytes. To multiply exactly in integers they round x to int16 per group of 32 inside the call: at most half a
 step of max|x_group| / 32767 per element, about 2e-5 relative on the model's shapes. Large batches (prefill)
-are compute-bound: there the weight is dequantized to fp32 for the call and torch's GEMM runs. Both paths
-compute x @ dequantize(W)^T up to that rounding.
+are compute-bound: for int8 layers above 64 rows the weight is dequantized to fp32 for the call and torch's
+GEMM runs; the q4 kernel beats that at every size (BENCHMARKS.md), so it always runs. Both paths compute
+x @ dequantize(W)^T up to that rounding.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 
 import numpy as np
@@ -137,13 +139,14 @@ def _kernel() -> ctypes.CDLL | None:
     return _library or None
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(nn.Module, ABC):
     """y = x @ W^T (+ bias) for a packed quantized W; x of any float dtype (computed in fp32, returned in x's).
     Subclasses hold the packed buffers and say how to run the kernel and how to dequantize."""
 
     kind = 0  # the fused decoder's code for this format (pagoda/kernels/llama_stack.cpp)
     # Batches of more rows than this take torch's GEMM on the dequantized weight; None: the kernel always.
     kernel_max_rows: int | None = None
+    k_per_packed_row = 1  # input columns per index of the packed weight's dimension 1
 
     def __init__(self, out_features: int, in_features: int, bias: torch.Tensor | None):
         super().__init__()
@@ -162,19 +165,21 @@ class QuantizedLinear(nn.Module):
         self._pointers()
         return module
 
+    @abstractmethod
     def packed(self) -> tuple[torch.Tensor, ...]:
-        raise NotImplementedError
+        """The packed weight buffers, in the order the kernel takes their pointers."""
 
+    @abstractmethod
     def run_kernel(self, lib: ctypes.CDLL, rows: torch.Tensor, y: torch.Tensor) -> None:
-        raise NotImplementedError
+        """y = rows @ W^T with the compiled kernel (rows: contiguous fp32 [M, padded K])."""
 
+    @abstractmethod
     def weight_fp32_t(self) -> torch.Tensor:
         """The dequantized weight, transposed: [K', N] (a view; padded input columns give zero rows)."""
-        raise NotImplementedError
 
     @property
     def padded_in_features(self) -> int:
-        return self.packed()[0].shape[1] * (2 if self.kind == Int8Linear.kind else 4)
+        return self.packed()[0].shape[1] * self.k_per_packed_row
 
     @property
     def nbytes(self) -> int:
@@ -208,6 +213,7 @@ class Int8Linear(QuantizedLinear):
 
     kind = 1
     kernel_max_rows = INT8_KERNEL_MAX_ROWS
+    k_per_packed_row = 2  # qweight [T, K/2, 16, 2]
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__(*weight.shape, bias)
@@ -245,6 +251,7 @@ class Q4Linear(QuantizedLinear):
     1 to 512 rows (BENCHMARKS.md)."""
 
     kind = 2
+    k_per_packed_row = 4  # qweight [T, K/4, 32]
 
     def __init__(self, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__(*codes.shape, bias)
