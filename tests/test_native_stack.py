@@ -19,6 +19,7 @@ from pagoda.layers.quantized import GROUP, Int8Linear, Q4Linear, q4_1_codes, qua
 transformers = pytest.importorskip("transformers")
 
 from harness import Harness, hf_checkpoint  # noqa: E402
+from test_models_random import CONFIGS as ALL_CONFIGS  # noqa: E402
 
 
 def random_q4(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -75,20 +76,8 @@ def test_q4_1_blocks_unpack_to_the_ggml_layout():
 
 # ---- the native stack on random tiny models ----------------------------------------------------------------
 
-def _configs():
-    common = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.15, rms_norm_eps=1e-5)
-    return {
-        "llama": transformers.LlamaConfig(**common, tie_word_embeddings=False),
-        "llama3-rope-tied": transformers.LlamaConfig(**common, tie_word_embeddings=True, rope_parameters={
-            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
-        "qwen3": transformers.Qwen3Config(**common, head_dim=32, tie_word_embeddings=True),
-        "mistral-sliding": transformers.MistralConfig(**common, sliding_window=20, tie_word_embeddings=False),
-    }
-
-
-CONFIGS = _configs()
+# The Llama-layout architectures of the random-model tests (Gemma's layout has no native stack).
+CONFIGS = {name: ALL_CONFIGS[name] for name in ("llama", "llama3-rope-tied", "qwen3", "mistral-sliding")}
 
 
 def to_q4(model: torch.nn.Module) -> None:
