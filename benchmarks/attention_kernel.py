@@ -15,41 +15,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pagoda.layers.attention import Attention, BatchLayout
 from pagoda.layers.attention_cpu import CpuPagedBackend
 from pagoda.layers.attention_reference import ReferenceBackend
+from tests.harness import random_attention_step
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 16
 TIMER = time.perf_counter  # wall clock: what a step waits for
-
-
-def make_step(requests: list[tuple[int, int]], seed: int = 0):
-    """(query tokens, context length) per request, decodes first -> q, k, v, a random cache, the BatchLayout."""
-    rng = np.random.default_rng(seed)
-    blocks = [-(-ctx // BLOCK) for _, ctx in requests]
-    owner = rng.permutation(sum(blocks))
-    tables = np.zeros((len(requests), max(blocks)), dtype=np.int64)
-    start = 0
-    for i, count in enumerate(blocks):
-        tables[i, :count] = owner[start:start + count]
-        start += count
-    counts = np.array([n for n, _ in requests], dtype=np.int64)
-    query_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    context_lens = np.array([ctx for _, ctx in requests], dtype=np.int64)
-    positions = np.concatenate([np.arange(ctx - n, ctx) for n, ctx in requests])
-    rows = np.repeat(np.arange(len(requests)), counts)
-    slots = torch.from_numpy(tables[rows, positions // BLOCK] * BLOCK + positions % BLOCK)
-    layout = BatchLayout(query_start, context_lens, tables, int(np.searchsorted(counts > 1, True)), BLOCK, slots)
-    total = int(query_start[-1])
-    q = torch.randn(total, HEADS, HEAD_DIM)
-    k = torch.randn(total, KV_HEADS, HEAD_DIM)
-    v = torch.randn(total, KV_HEADS, HEAD_DIM)
-    cache = torch.randn(2, sum(blocks) * BLOCK, KV_HEADS, HEAD_DIM)
-    return q, k, v, cache, layout
 
 
 def time_us(fn, repeat: int) -> float:
@@ -86,7 +61,7 @@ def main() -> None:
     print(f"{'case':<28}{'reference':>12}{'cpu':>12}{'speed-up':>10}{'meta ref':>10}{'meta cpu':>10}")
     with torch.inference_mode():
         for name, requests in cases:
-            q, k, v, cache, layout = make_step(requests)
+            q, k, v, cache, layout = random_attention_step(requests, HEADS, KV_HEADS, HEAD_DIM, BLOCK)
             forward, meta = {}, {}
             for key, backend in backends.items():
                 forward[key], meta[key] = measure(backend, layer, (q, k, v, cache), layout, args.repeat)

@@ -10,6 +10,7 @@ import torch
 from pagoda.config import CacheConfig
 from pagoda.core.kv_cache_manager import KVCacheManager
 from pagoda.core.scheduler import Scheduler, SchedulerConfig
+from pagoda.layers.attention import BatchLayout
 from pagoda.layers.attention_reference import ReferenceBackend
 from pagoda.loader import Checkpoint
 from pagoda.loader.hf_loader import hf_weights, read_config
@@ -75,3 +76,41 @@ def sequence_logprobs(llm, ids: list[int]) -> torch.Tensor:
         return torch.log_softmax(runner.model.compute_logits(hidden).float(), dim=-1)
     finally:
         pool.free(taken)
+
+
+def paged_layout(requests: list[tuple[int, int]], block_size: int, seed: int = 0,
+                 spare_blocks: int = 0) -> tuple[BatchLayout, np.ndarray]:
+    """The BatchLayout of a step with (query tokens, context length) per request, decodes first, whose blocks
+    are a random permutation of the pool (plus `spare_blocks` nobody owns). Returns it and the query tokens'
+    positions."""
+    rng = np.random.default_rng(seed)
+    blocks_per_request = [-(-ctx // block_size) for _, ctx in requests]
+    owner = rng.permutation(sum(blocks_per_request) + spare_blocks)
+    tables = np.zeros((len(requests), max(blocks_per_request)), dtype=np.int64)
+    used = 0
+    for i, count in enumerate(blocks_per_request):
+        tables[i, :count] = owner[used:used + count]
+        used += count
+    counts = np.array([n for n, _ in requests], dtype=np.int64)
+    query_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    context_lens = np.array([ctx for _, ctx in requests], dtype=np.int64)
+    positions = np.concatenate([np.arange(ctx - n, ctx) for n, ctx in requests])
+    rows = np.repeat(np.arange(len(requests)), counts)
+    slots = tables[rows, positions // block_size] * block_size + positions % block_size
+    num_decodes = int(np.searchsorted(counts > 1, True))
+    return BatchLayout(query_start, context_lens, tables, num_decodes, block_size, torch.from_numpy(slots)), positions
+
+
+def random_attention_step(requests: list[tuple[int, int]], num_heads: int, num_kv_heads: int, head_dim: int,
+                          block_size: int = 16, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A random step for one attention layer: q, k, v, a random fp32 cache whose block tables are shuffled (a
+    few blocks owned by nobody), and its BatchLayout."""
+    layout, _ = paged_layout(requests, block_size, seed, spare_blocks=3)
+    gen = torch.Generator().manual_seed(seed)
+    total = int(layout.query_start[-1])
+    q = torch.randn(total, num_heads, head_dim, generator=gen).to(dtype)
+    k = torch.randn(total, num_kv_heads, head_dim, generator=gen).to(dtype)
+    v = torch.randn(total, num_kv_heads, head_dim, generator=gen).to(dtype)
+    num_blocks = sum(-(-ctx // block_size) for _, ctx in requests) + 3
+    cache = torch.randn(2, num_blocks * block_size, num_kv_heads, head_dim, generator=gen)
+    return q, k, v, cache, layout

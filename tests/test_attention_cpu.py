@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from pagoda.layers.attention import Attention, BatchLayout
+from pagoda.layers.attention import Attention
 from pagoda.layers.attention_cpu import CpuPagedBackend
 from pagoda.layers.attention_reference import ReferenceBackend
 from pagoda.layers.attention_select import create_backend
+from harness import random_attention_step
 
 CPU = torch.device("cpu")
 ATOL = 1e-5
@@ -20,34 +21,6 @@ ATOL = 1e-5
 # (query tokens, context length) per request, decodes first: decodes at short and long contexts (one of a
 # single token), a fresh prompt longer than one query tile, and a chunk continuing a cached prefix.
 MIXED = [(1, 1), (1, 17), (1, 40), (1, 100), (45, 45), (23, 84)]
-
-
-def make_batch(requests, num_heads, num_kv_heads, head_dim, block_size=16, seed=0, dtype=torch.float32):
-    """A random step: q, k, v, a random fp32 cache whose block tables are shuffled, and its BatchLayout."""
-    rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(seed)
-    blocks_per_request = [-(-ctx // block_size) for _, ctx in requests]
-    num_blocks = sum(blocks_per_request) + 3  # a few blocks nobody owns
-    owner = rng.permutation(num_blocks)
-    tables = np.zeros((len(requests), max(blocks_per_request)), dtype=np.int64)
-    used = 0
-    for i, count in enumerate(blocks_per_request):
-        tables[i, :count] = owner[used:used + count]
-        used += count
-    counts = np.array([n for n, _ in requests], dtype=np.int64)
-    query_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    context_lens = np.array([ctx for _, ctx in requests], dtype=np.int64)
-    positions = np.concatenate([np.arange(ctx - n, ctx) for n, ctx in requests])
-    rows = np.repeat(np.arange(len(requests)), counts)
-    slots = tables[rows, positions // block_size] * block_size + positions % block_size
-    num_decodes = int(np.searchsorted(counts > 1, True))
-    layout = BatchLayout(query_start, context_lens, tables, num_decodes, block_size, torch.from_numpy(slots))
-    total = int(query_start[-1])
-    q = torch.randn(total, num_heads, head_dim, generator=gen).to(dtype)
-    k = torch.randn(total, num_kv_heads, head_dim, generator=gen).to(dtype)
-    v = torch.randn(total, num_kv_heads, head_dim, generator=gen).to(dtype)
-    cache = torch.randn(2, num_blocks * block_size, num_kv_heads, head_dim, generator=gen)
-    return q, k, v, cache, layout
 
 
 def run(backend, layer, q, k, v, cache, layout):
@@ -77,7 +50,7 @@ def assert_matches_reference(cpu_backend, layer, q, k, v, cache, layout, atol=AT
 def test_mixed_batch_matches_reference(cpu_backend, heads, head_dim, window):
     num_heads, num_kv_heads = heads
     layer = Attention(0, num_heads, num_kv_heads, head_dim, head_dim ** -0.5, sliding_window=window)
-    assert_matches_reference(cpu_backend, layer, *make_batch(MIXED, num_heads, num_kv_heads, head_dim))
+    assert_matches_reference(cpu_backend, layer, *random_attention_step(MIXED, num_heads, num_kv_heads, head_dim))
 
 
 @pytest.mark.parametrize("requests", [
@@ -88,7 +61,7 @@ def test_mixed_batch_matches_reference(cpu_backend, heads, head_dim, window):
 @pytest.mark.parametrize("window", [None, 1, 20], ids=["causal", "window1", "window20"])
 def test_batch_shapes_match_reference(cpu_backend, requests, window):
     layer = Attention(0, 9, 3, 64, 0.125, sliding_window=window)
-    assert_matches_reference(cpu_backend, layer, *make_batch(requests, 9, 3, 64, seed=1))
+    assert_matches_reference(cpu_backend, layer, *random_attention_step(requests, 9, 3, 64, seed=1))
 
 
 @pytest.mark.parametrize("block_size", [1, 5, 64])
@@ -96,12 +69,12 @@ def test_head_dim_tails_and_block_sizes(cpu_backend, block_size):
     # head dims that are not multiples of 8 take the kernel's scalar tails; odd block sizes split the key segments
     for head_dim in (20, 36):
         layer = Attention(0, 6, 2, head_dim, 0.3, sliding_window=13)
-        assert_matches_reference(cpu_backend, layer, *make_batch(MIXED, 6, 2, head_dim, block_size=block_size))
+        assert_matches_reference(cpu_backend, layer, *random_attention_step(MIXED, 6, 2, head_dim, block_size=block_size))
 
 
 def test_strided_views_of_a_fused_projection(cpu_backend):
     # the model passes q, k, v as views of one qkv projection: token stride larger than heads * head_dim
-    q, k, v, cache, layout = make_batch(MIXED, 9, 3, 64)
+    q, k, v, cache, layout = random_attention_step(MIXED, 9, 3, 64)
     fused = torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], dim=1)
     qs, ks, vs = fused.split([9 * 64, 3 * 64, 3 * 64], dim=1)
     qs, ks, vs = qs.view(-1, 9, 64), ks.view(-1, 3, 64), vs.view(-1, 3, 64)
@@ -111,7 +84,7 @@ def test_strided_views_of_a_fused_projection(cpu_backend):
 
 
 def test_bfloat16_inputs_are_computed_in_fp32(cpu_backend):
-    q, k, v, cache, layout = make_batch(MIXED, 8, 2, 64, dtype=torch.bfloat16)
+    q, k, v, cache, layout = random_attention_step(MIXED, 8, 2, 64, dtype=torch.bfloat16)
     layer = Attention(0, 8, 2, 64, 0.125, sliding_window=9)
     ref_cache, cpu_cache = cache.clone(), cache.clone()
     expected = run(ReferenceBackend(CPU), layer, q.float(), k.float(), v.float(), ref_cache, layout)
@@ -122,7 +95,7 @@ def test_bfloat16_inputs_are_computed_in_fp32(cpu_backend):
 
 
 def test_rejects_a_cache_it_cannot_read(cpu_backend):
-    q, k, v, cache, layout = make_batch([(1, 5)], 4, 4, 64)
+    q, k, v, cache, layout = random_attention_step([(1, 5)], 4, 4, 64)
     with pytest.raises(ValueError, match="fp32 KV cache"):
         run(cpu_backend, Attention(0, 4, 4, 64, 0.125), q, k, v, cache.to(torch.bfloat16), layout)
 

@@ -260,36 +260,6 @@ void q4_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t*
                          y + t * NT, ldy, tile_rows(N, t));
 }
 
-// out[K, T * 16] = dequant(W)^T for the q4 layout, like int8_dequantize_t.
-void q4_dequantize_t(const uint8_t* q, const uint16_t* d, const uint16_t* mo, int64_t N, int64_t K, float* out,
-                     int threads) {
-    const int64_t tiles = (N + NT - 1) / NT, groups = K / QK, ld = tiles * NT;
-    const __m256i even = _mm256_set1_epi32(1), odd = _mm256_set1_epi32(1 << 16);
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t t = 0; t < tiles; ++t) {
-        for (int64_t g = 0; g < groups; ++g) {
-            const uint8_t* qg = q + (t * K / 2 + g * QK / 2) * NT;
-            const int64_t sg = (t * groups + g) * NT;
-            const __m256 s[2] = {scales8(d + sg), scales8(d + sg + 8)};
-            const __m256 o[2] = {scales8(mo + sg), scales8(mo + sg + 8)};
-            for (int j4 = 0; j4 < QK / 4; ++j4) {
-                __m256i w4[4];
-                unpack_q4(qg + j4 * 32, w4);
-                for (int p = 0; p < 2; ++p) {
-                    float* row = out + (g * QK + 4 * j4 + 2 * p) * ld + t * NT;  // k row; k + 1 is ld further
-                    for (int h = 0; h < 2; ++h) {
-                        const __m256i w = w4[2 * p + h];
-                        _mm256_storeu_ps(row + h * 8,
-                                         _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(w, even)), s[h], o[h]));
-                        _mm256_storeu_ps(row + ld + h * 8,
-                                         _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(w, odd)), s[h], o[h]));
-                    }
-                }
-            }
-        }
-    }
-}
-
 // out[K, T * 16] = dequant(W)^T, row-major fp32 (pad rows of W give zero columns): for large M, where a float
 // GEMM is faster than the kernel. Transposed because the packed k pairs split into k rows with two madds.
 void int8_dequantize_t(const int8_t* qweight, const uint16_t* scales, int64_t N, int64_t K, float* out, int threads) {

@@ -98,7 +98,6 @@ class NativeStack:
         config = model.config
         inner = model.model
         self.embed = inner.embed_tokens
-        self.hidden = config.hidden_size
         rotary = model.rotary
         self._keep = [rotary.cos.contiguous(), rotary.sin.contiguous()]  # the pointers below point into these
         layers = (_Layer * len(inner.layers))()
