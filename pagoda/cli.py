@@ -24,6 +24,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="gguf: compute on the GGUF file's own Q4_1/Q8_0 blocks (exact weights); int8: requantize "
                         "every linear layer to int8; none: weights in --dtype; auto (default): gguf for a GGUF "
                         "file on the CPU, else none")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
+                   help="element type of the KV cache; auto (default): float16 for a float32 model on the CPU "
+                        "(half the memory traffic of decode attention), else the model's dtype")
 
 
 def _engine_config(args: argparse.Namespace):
@@ -32,7 +35,8 @@ def _engine_config(args: argparse.Namespace):
     return EngineConfig(model=args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
                         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend,
-                        quantization=None if args.quantization == "none" else args.quantization)
+                        quantization=None if args.quantization == "none" else args.quantization,
+                        kv_cache_dtype=args.kv_cache_dtype)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:

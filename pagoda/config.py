@@ -103,6 +103,7 @@ class CacheConfig:
     block_size: int = 16
     kv_cache_memory: int = 2 * 1024**3  # bytes for the KV cache of all layers
     enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"  # see worker/kv_cache.py: resolve_kv_cache_dtype
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.kv_cache_memory <= 0:

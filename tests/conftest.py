@@ -47,16 +47,18 @@ def hf_model(smollm_gguf):
 
 @pytest.fixture(scope="session")
 def llm(smollm_gguf):
-    """One fp32 engine on the default model, shared by the tests (each leaves it idle, every block free)."""
+    """One fp32 engine on the default model (fp32 weights and KV cache: the transformers oracle's numbers),
+    shared by the tests (each leaves it idle, every block free)."""
     from pagoda import LLM
 
-    return LLM(str(smollm_gguf), dtype="float32", quantization=None, kv_cache_memory="256MiB", progress=False)
+    return LLM(str(smollm_gguf), dtype="float32", quantization=None, kv_cache_dtype="float32",
+               kv_cache_memory="256MiB", progress=False)
 
 
 @pytest.fixture(scope="session")
 def served_llm(smollm_gguf):
     """An offline engine configured like `server` (default precision: quantization "auto", i.e. the GGUF's own
-    blocks), to compare the server's outputs with."""
+    blocks, and an fp16 KV cache), to compare the server's outputs with."""
     from pagoda import LLM
 
     return LLM(str(smollm_gguf), kv_cache_memory="256MiB", progress=False)

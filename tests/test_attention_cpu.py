@@ -94,9 +94,25 @@ def test_bfloat16_inputs_are_computed_in_fp32(cpu_backend):
     assert torch.equal(cpu_cache, ref_cache)
 
 
+@pytest.mark.parametrize("requests", [MIXED, [(1, 300)], [(1, 3), (1, 200), (1, 33)]], ids=["mixed", "split", "decodes"])
+@pytest.mark.parametrize("window", [None, 20], ids=["causal", "window20"])
+def test_fp16_cache_matches_reference(cpu_backend, requests, window):
+    # the fp16 cache: new rows rounded exactly as torch rounds them, old rows widened on load
+    q, k, v, cache, layout = random_attention_step(requests, 9, 3, 64, seed=2)
+    layer = Attention(0, 9, 3, 64, 0.125, sliding_window=window)
+    assert_matches_reference(cpu_backend, layer, q, k, v, cache.to(torch.float16), layout)
+
+
+def test_decode_split_over_key_ranges_matches_reference(cpu_backend):
+    # one or two long requests: their keys are split over work items whose partial softmaxes are merged
+    for requests in ([(1, 1000)], [(1, 700), (1, 65)]):
+        q, k, v, cache, layout = random_attention_step(requests, 9, 3, 64, seed=3)
+        assert_matches_reference(cpu_backend, Attention(0, 9, 3, 64, 0.125), q, k, v, cache, layout)
+
+
 def test_rejects_a_cache_it_cannot_read(cpu_backend):
     q, k, v, cache, layout = random_attention_step([(1, 5)], 4, 4, 64)
-    with pytest.raises(ValueError, match="fp32 KV cache"):
+    with pytest.raises(ValueError, match="fp32 or fp16 KV cache"):
         run(cpu_backend, Attention(0, 4, 4, 64, 0.125), q, k, v, cache.to(torch.bfloat16), layout)
 
 
@@ -110,8 +126,9 @@ def test_selection(caplog):
         assert isinstance(create_backend("auto", CPU, torch.bfloat16), ReferenceBackend)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("attention backend")]
     assert len(lines) == 4 and "bfloat16" in lines[-1], lines
-    with pytest.raises(ValueError, match="fp32"):
+    with pytest.raises(ValueError, match="fp32 and fp16"):
         create_backend("cpu", CPU, torch.bfloat16)
+    assert isinstance(create_backend("cpu", CPU, torch.float16), CpuPagedBackend)
     with pytest.raises(ValueError, match="not supported"):
         create_backend("fast", CPU, torch.float32)
 
@@ -178,6 +195,25 @@ def test_default_model_greedy_tokens_equal_reference(smollm_gguf):
     assert isinstance(cpu.engine.runner.backend, CpuPagedBackend)
     assert greedy(cpu, PROMPTS) == expected
     # 12 blocks of 16 tokens cannot hold every request at once: some are preempted and recomputed
-    small = make("cpu", kv_cache_memory=12 * 16 * 46080, max_num_batched_tokens=64, enable_prefix_caching=False)
+    small = make("cpu", kv_cache_memory=12 * 16 * cpu.engine.kv_layout.bytes_per_token, max_num_batched_tokens=64,
+                 enable_prefix_caching=False)
     assert greedy(small, PROMPTS) == expected
     assert small.engine.scheduler.num_preemptions_total > 0
+
+
+# ---- KV cache element type ---------------------------------------------------------------------------------------
+
+def test_kv_cache_dtype_resolution(served_llm, llm):
+    from pagoda.worker.kv_cache import resolve_kv_cache_dtype
+
+    assert resolve_kv_cache_dtype("auto", torch.float32, CPU) == torch.float16
+    assert resolve_kv_cache_dtype("auto", torch.bfloat16, CPU) == torch.bfloat16
+    assert resolve_kv_cache_dtype("auto", torch.float32, torch.device("cuda")) == torch.float32
+    assert resolve_kv_cache_dtype("float32", torch.float32, CPU) == torch.float32
+    with pytest.raises(ValueError, match="kv_cache_dtype 'int4' is not supported"):
+        resolve_kv_cache_dtype("int4", torch.float32, CPU)
+    # the default engine caches fp16 (twice the tokens in the same memory) and reads it with the native kernel
+    assert served_llm.engine.runner.kv_caches[0].dtype == torch.float16
+    assert isinstance(served_llm.engine.runner.backend, CpuPagedBackend)
+    assert llm.engine.runner.kv_caches[0].dtype == torch.float32
+    assert served_llm.engine.kv_layout.bytes_per_token * 2 == llm.engine.kv_layout.bytes_per_token

@@ -44,6 +44,7 @@ class EngineConfig:
     # "auto": "gguf" for a GGUF file on the CPU, else None; None: weights in `dtype`; "gguf": compute on the
     # file's own Q4_1/Q8_0 blocks; "int8": requantize every linear layer. See layers/quantized.py.
     quantization: str | None = "auto"
+    kv_cache_dtype: str = "auto"  # "auto": fp16 for an fp32 model on the CPU, else the model's dtype
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -80,7 +81,8 @@ class LLMEngine:
         device = torch.device(config.device)
         path = resolve_model(config.model, progress=progress)
         loaded = load_model(path, config.torch_dtype, device, CacheConfig(
-            config.block_size, parse_size(config.kv_cache_memory), config.enable_prefix_caching), progress=progress,
+            config.block_size, parse_size(config.kv_cache_memory), config.enable_prefix_caching,
+            config.kv_cache_dtype), progress=progress,
             attention_backend=config.attention_backend, quantization=config.quantization)
         self.model_path = path
         self.model_config = loaded.config
@@ -100,7 +102,7 @@ class LLMEngine:
         logger.info(
             "KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, %s); max concurrency at %d tokens: %.1f",
             loaded.kv_layout.num_blocks, config.block_size, loaded.kv_layout.num_tokens,
-            loaded.kv_layout.num_bytes / 1024**3, str(config.torch_dtype).removeprefix("torch."),
+            loaded.kv_layout.num_bytes / 1024**3, str(loaded.kv_caches[0].dtype).removeprefix("torch."),
             self.max_model_len, loaded.kv_layout.max_concurrency(self.max_model_len))
         logger.info("model %s (%s) ready in %.1f s", path.name, loaded.config.model_type, time.monotonic() - start)
 

@@ -12,7 +12,7 @@
 // place, single-threaded for small steps (it is tiny) and split over tokens for large ones; the matmuls and
 // attention fork OpenMP threads.
 //
-// Layouts: h, out [T, hidden] fp32 row-major; the KV cache of a layer is [2, num_slots, Hkv, D] fp32; rotary
+// Layouts: h, out [T, hidden] fp32 row-major; the KV cache of a layer is [2, num_slots, Hkv, D] fp32 or fp16; rotary
 // tables cos, sin [max_positions, D/2] (rotate-half layout). Every K dimension is a multiple of 32.
 
 #include "paged_attention.cpp"
@@ -35,12 +35,13 @@ struct Layer {
     const float* q_norm;  // per-head norms (Qwen3); null when absent
     const float* k_norm;
     QLinear qkv, o, gate_up, down;
-    float* kv_cache;
+    void* kv_cache;  // [2, num_slots, Hkv, D] of Stack::kv_dtype
     int64_t window;  // <= 0: full attention
 };
 
 struct Stack {
     int64_t num_layers, hidden, heads, kv_heads, head_dim, intermediate, num_slots;
+    int64_t kv_dtype;  // 0: fp32, 1: fp16 (paged_attention.cpp)
     float eps, scale;
     const float* cos;
     const float* sin;
@@ -153,14 +154,15 @@ void attention(const Stack& S, const Layer& L, const Batch& B, float* qkv, float
             rotate(head, c, s, half);
         }
     }
-    float* k_cache = L.kv_cache;
-    float* v_cache = L.kv_cache + S.num_slots * Hkv * D;
-    paged_cache_write(qkv + H * D, qkv_n, qkv + (H + Hkv) * D, qkv_n, B.slots, T, Hkv * D, k_cache, v_cache);
+    void* k_cache = L.kv_cache;
+    void* v_cache = static_cast<char*>(L.kv_cache) + S.num_slots * Hkv * D * (S.kv_dtype == 1 ? 2 : 4);
+    paged_cache_write(qkv + H * D, qkv_n, qkv + (H + Hkv) * D, qkv_n, B.slots, T, Hkv * D, k_cache, v_cache,
+                      S.kv_dtype);
     if (B.num_decodes > 0)
-        paged_attention_decode(qkv, qkv_n, out, H * D, k_cache, v_cache, B.block_tables, B.table_stride,
+        paged_attention_decode(qkv, qkv_n, out, H * D, k_cache, v_cache, S.kv_dtype, B.block_tables, B.table_stride,
                                B.context_lens, B.num_decodes, H, Hkv, D, B.block_size, L.window, S.scale, threads);
     if (B.num_decodes < B.num_requests)
-        paged_attention_prefill(qkv, qkv_n, out, H * D, k_cache, v_cache, B.block_tables, B.table_stride,
+        paged_attention_prefill(qkv, qkv_n, out, H * D, k_cache, v_cache, S.kv_dtype, B.block_tables, B.table_stride,
                                 B.context_lens, B.query_start, B.num_decodes, B.num_requests, H, Hkv, D,
                                 B.block_size, L.window, S.scale, threads);
 }

@@ -1,4 +1,4 @@
-// Paged attention on the CPU: fp32 queries, fp32 KV cache read in place through block tables.
+// Paged attention on the CPU: fp32 queries, fp32 or fp16 KV cache read in place through block tables.
 //
 // This file owns the native half of pagoda/layers/attention_cpu.py:
 //   paged_cache_write        copy the step's new k, v rows into their cache slots;
@@ -12,15 +12,18 @@
 // Layouts (element strides, fp32 unless said):
 //   q    [T, H, D]   token stride q_stride, heads packed (head stride D, element stride 1)
 //   out  [T, H, D]   token stride out_stride, heads packed
-//   k_cache, v_cache [num_slots, Hkv, D] contiguous; slot of position k = table[k / bs] * bs + k % bs
+//   k_cache, v_cache [num_slots, Hkv, D] contiguous, fp32 or fp16 (kv_dtype 0 or 1: the kernels are templates
+//                    on the element); slot of position k = table[k / bs] * bs + k % bs
 //   block_tables [B, table_stride] int64, context_lens [B] int64, query_start [B + 1] int64
 // A request's queries are its last n context positions [ctx - n, ctx); their k, v are already in the cache
 // (paged_cache_write runs first), so attention reads only the cache, never the step's k, v.
 //
-// The core (attend_rows) handles one (request, kv head, query tile): its R = n_q * G query rows (G = query
-// heads per kv head) stream over the allowed key range in segments of KT keys with an online softmax, so each
-// K and V row of the range is read once per tile and serves all R rows. Decode is the n_q = 1 case.
-// Parallelism: OpenMP over (sequence x kv head) for decode and (query tile x kv head) for prefill, dynamic.
+// Prefill (attend_rows) handles one (request, kv head, query tile): its R = n_q * G query rows (G = query heads
+// per kv head) stream over the allowed key range in segments of KT keys with an online softmax, so each K and V
+// row of the range is read once per tile and serves all R rows. Decode (attend_decode_range) handles one
+// (request, key range) for all heads at once, reading each cache slot (every kv head's row) front to back.
+// Parallelism: OpenMP, dynamic, over (query tile x kv head) for prefill and (request x key range) for decode,
+// where a request's keys are split into several ranges only when there are fewer requests than threads.
 
 #include <omp.h>
 
@@ -44,15 +47,17 @@ using i64 = int64_t;
 
 constexpr int KT = 32;            // keys per segment: the width of one score row (a multiple of 8)
 constexpr int TILE_ROWS = 32;     // target query rows (tokens x heads of a GQA group) per prefill tile
+constexpr int MIN_RANGE = 64;     // fewest keys worth a work item of their own in split decode
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
+template <typename KV>
 struct Problem {
     const float* q;
     i64 q_stride;
     float* out;
     i64 out_stride;
-    const float* k_cache;
-    const float* v_cache;
+    const KV* k_cache;
+    const KV* v_cache;
     const i64* block_tables;
     i64 table_stride;
     const i64* context_lens;
@@ -65,14 +70,15 @@ struct Problem {
 };
 
 // Per-thread buffers, sized for the largest tile the call can produce.
+template <typename KV>
 struct Scratch {
     std::vector<float> scores;  // [R][KT]: scaled scores, then probabilities (0 where masked)
     std::vector<float> acc;     // [R][D]: unnormalised output rows
     std::vector<float> m, l;    // [R]: running max and running sum of exp
     std::vector<const float*> qrows;
-    std::vector<const float*> krows, vrows;  // [2][KT]: this segment's rows and the next one's
+    std::vector<const KV*> kslots, vslots;  // [2][KT]: this segment's cache slots and the next one's
     Scratch(i64 rows, i64 dim)
-        : scores(rows * KT), acc(rows * dim), m(rows), l(rows), qrows(rows), krows(2 * KT), vrows(2 * KT) {}
+        : scores(rows * KT), acc(rows * dim), m(rows), l(rows), qrows(rows), kslots(2 * KT), vslots(2 * KT) {}
 };
 
 // ---- vector primitives --------------------------------------------------------------------------------------
@@ -114,25 +120,34 @@ inline float hsum(__m256 a) {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const _Float16* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 #endif
 
-inline float dot(const float* a, const float* b, i64 n) {
+// KV cache elements are fp32 or IEEE fp16 (_Float16, the bits of torch.float16); arithmetic is fp32.
+inline float to_f32(float x) { return x; }
+inline float to_f32(_Float16 x) { return static_cast<float>(x); }
+
+template <typename KV>
+inline float dot(const float* a, const KV* b, i64 n) {
     i64 d = 0;
     float s = 0.0f;
 #if PAGODA_AVX2
     __m256 acc = _mm256_setzero_ps();
-    for (; d + 8 <= n; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+    for (; d + 8 <= n; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), load8(b + d), acc);
     s = hsum(acc);
 #endif
-    for (; d < n; ++d) s += a[d] * b[d];
+    for (; d < n; ++d) s += a[d] * to_f32(b[d]);
     return s;
 }
 
 #if PAGODA_AVX2
 // scores[r][j] = scale * q_r . k_j for NR rows starting at r and keys [0, n): NR rows x 4 keys per pass, so each
 // K chunk loaded serves NR rows and each q chunk 4 keys.
-template <int NR>
-void qk_block(const float* const* qrows, const float* const* krows, int n, i64 D, float scale, float* scores) {
+template <int NR, typename KV>
+void qk_block(const float* const* qrows, const KV* const* krows, i64 off, int n, i64 D, float scale,
+              float* scores) {
     const i64 Dv = D & ~i64(7);
     const __m128 vscale = _mm_set1_ps(scale);
     int j = 0;
@@ -144,7 +159,7 @@ void qk_block(const float* const* qrows, const float* const* krows, int n, i64 D
             __m256 x[NR];
             for (int r = 0; r < NR; ++r) x[r] = _mm256_loadu_ps(qrows[r] + d);
             for (int u = 0; u < 4; ++u) {
-                const __m256 kv = _mm256_loadu_ps(krows[j + u] + d);
+                const __m256 kv = load8(krows[j + u] + off + d);
                 for (int r = 0; r < NR; ++r) a[r][u] = _mm256_fmadd_ps(x[r], kv, a[r][u]);
             }
         }
@@ -152,29 +167,29 @@ void qk_block(const float* const* qrows, const float* const* krows, int n, i64 D
             __m128 s4 = hsum4(a[r][0], a[r][1], a[r][2], a[r][3]);
             if (Dv < D) {  // scalar tail of a head dim that is not a multiple of 8
                 alignas(16) float t[4];
-                for (int u = 0; u < 4; ++u) t[u] = dot(qrows[r] + Dv, krows[j + u] + Dv, D - Dv);
+                for (int u = 0; u < 4; ++u) t[u] = dot(qrows[r] + Dv, krows[j + u] + off + Dv, D - Dv);
                 s4 = _mm_add_ps(s4, _mm_load_ps(t));
             }
             _mm_storeu_ps(scores + r * KT + j, _mm_mul_ps(s4, vscale));
         }
     }
     for (; j < n; ++j)
-        for (int r = 0; r < NR; ++r) scores[r * KT + j] = scale * dot(qrows[r], krows[j], D);
+        for (int r = 0; r < NR; ++r) scores[r * KT + j] = scale * dot(qrows[r], krows[j] + off, D);
 }
 
 // acc[r] += sum_j probs[r][j] * v_j for NR rows starting at r and keys [0, n): the rows' accumulators stay in
 // registers over all keys, 32 floats of D at a time, so each V chunk loaded serves NR rows.
-template <int NR>
-void pv_block(const float* probs, const float* const* vrows, int n, i64 D, float* acc) {
+template <int NR, typename KV>
+void pv_block(const float* probs, const KV* const* vrows, i64 off, int n, i64 D, float* acc) {
     i64 d = 0;
     for (; d + 32 <= D; d += 32) {
         __m256 a[NR][4];
         for (int r = 0; r < NR; ++r)
             for (int c = 0; c < 4; ++c) a[r][c] = _mm256_loadu_ps(acc + r * D + d + 8 * c);
         for (int j = 0; j < n; ++j) {
-            const float* v = vrows[j] + d;
+            const KV* v = vrows[j] + off + d;
             __m256 vv[4];
-            for (int c = 0; c < 4; ++c) vv[c] = _mm256_loadu_ps(v + 8 * c);
+            for (int c = 0; c < 4; ++c) vv[c] = load8(v + 8 * c);
             for (int r = 0; r < NR; ++r) {
                 const __m256 w = _mm256_broadcast_ss(probs + r * KT + j);
                 for (int c = 0; c < 4; ++c) a[r][c] = _mm256_fmadd_ps(w, vv[c], a[r][c]);
@@ -187,40 +202,42 @@ void pv_block(const float* probs, const float* const* vrows, int n, i64 D, float
         __m256 a[NR];
         for (int r = 0; r < NR; ++r) a[r] = _mm256_loadu_ps(acc + r * D + d);
         for (int j = 0; j < n; ++j) {
-            const __m256 v = _mm256_loadu_ps(vrows[j] + d);
+            const __m256 v = load8(vrows[j] + off + d);
             for (int r = 0; r < NR; ++r) a[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(probs + r * KT + j), v, a[r]);
         }
         for (int r = 0; r < NR; ++r) _mm256_storeu_ps(acc + r * D + d, a[r]);
     }
     for (; d < D; ++d)
         for (int r = 0; r < NR; ++r)
-            for (int j = 0; j < n; ++j) acc[r * D + d] += probs[r * KT + j] * vrows[j][d];
+            for (int j = 0; j < n; ++j) acc[r * D + d] += probs[r * KT + j] * to_f32(vrows[j][off + d]);
 }
 #endif
 
-// scores[r][j] = scale * q_r . k_j for rows [0, R) and keys [0, n).
-void qk_scores(const float* const* qrows, i64 R, const float* const* krows, int n, i64 D, float scale,
+// scores[r][j] = scale * q_r . k_j for rows [0, R) and keys [0, n); key j's row starts at krows[j] + off.
+template <typename KV>
+void qk_scores(const float* const* qrows, i64 R, const KV* const* krows, i64 off, int n, i64 D, float scale,
                float* scores) {
     i64 r = 0;
 #if PAGODA_AVX2
-    for (; r + 2 <= R; r += 2) qk_block<2>(qrows + r, krows, n, D, scale, scores + r * KT);
-    if (r < R) qk_block<1>(qrows + r, krows, n, D, scale, scores + r * KT);
+        for (; r + 2 <= R; r += 2) qk_block<2>(qrows + r, krows, off, n, D, scale, scores + r * KT);
+    if (r < R) qk_block<1>(qrows + r, krows, off, n, D, scale, scores + r * KT);
 #else
     for (; r < R; ++r)
-        for (int j = 0; j < n; ++j) scores[r * KT + j] = scale * dot(qrows[r], krows[j], D);
+        for (int j = 0; j < n; ++j) scores[r * KT + j] = scale * dot(qrows[r], krows[j] + off, D);
 #endif
 }
 
-// acc[r] += sum_j probs[r][j] * v_j for rows [0, R) and keys [0, n).
-void pv_accumulate(const float* probs, i64 R, const float* const* vrows, int n, i64 D, float* acc) {
+// acc[r] += sum_j probs[r][j] * v_j for rows [0, R) and keys [0, n); key j's row starts at vrows[j] + off.
+template <typename KV>
+void pv_accumulate(const float* probs, i64 R, const KV* const* vrows, i64 off, int n, i64 D, float* acc) {
     i64 r = 0;
 #if PAGODA_AVX2
-    for (; r + 2 <= R; r += 2) pv_block<2>(probs + r * KT, vrows, n, D, acc + r * D);
-    if (r < R) pv_block<1>(probs + r * KT, vrows, n, D, acc + r * D);
+        for (; r + 2 <= R; r += 2) pv_block<2>(probs + r * KT, vrows, off, n, D, acc + r * D);
+    if (r < R) pv_block<1>(probs + r * KT, vrows, off, n, D, acc + r * D);
 #else
     for (; r < R; ++r)
         for (int j = 0; j < n; ++j)
-            for (i64 d = 0; d < D; ++d) acc[r * D + d] += probs[r * KT + j] * vrows[j][d];
+            for (i64 d = 0; d < D; ++d) acc[r * D + d] += probs[r * KT + j] * to_f32(vrows[j][off + d]);
 #endif
 }
 
@@ -262,15 +279,16 @@ inline void softmax_step(float* s, float& m, float& l, float* acc_row, i64 D) {
     l += sum;
 }
 
-// Pointers to the K and V rows of kv head g at positions [k0, k0 + n), found through the block table.
-inline void segment_rows(const Problem& P, const i64* table, i64 g, i64 k0, int n, const float** krows,
-                         const float** vrows) {
-    const i64 bs = P.block_size, slot_stride = P.slot_stride(), head = g * P.head_dim;
+// Pointers to the K and V cache slots (all kv heads) of positions [k0, k0 + n), found through the block table.
+template <typename KV>
+inline void segment_slots(const Problem<KV>& P, const i64* table, i64 k0, int n, const KV** kslots,
+                          const KV** vslots) {
+    const i64 bs = P.block_size, slot_stride = P.slot_stride();
     i64 block = k0 / bs, within = k0 % bs;  // one division per segment, not per key
     for (int j = 0; j < n; ++j) {
-        const i64 offset = (table[block] * bs + within) * slot_stride + head;
-        krows[j] = P.k_cache + offset;
-        vrows[j] = P.v_cache + offset;
+        const i64 offset = (table[block] * bs + within) * slot_stride;
+        kslots[j] = P.k_cache + offset;
+        vslots[j] = P.v_cache + offset;
         if (++within == bs) {
             within = 0;
             ++block;
@@ -278,17 +296,26 @@ inline void segment_rows(const Problem& P, const i64* table, i64 g, i64 k0, int 
     }
 }
 
-// Asks for the cache lines of n rows of D floats: blocks are scattered, so the hardware prefetcher cannot
-// guess the next one.
-inline void prefetch_rows(const float* const* rows, int n, i64 D) {
+// Asks for the cache lines of floats [off, off + len) of n rows: blocks are scattered, so the hardware
+// prefetcher cannot guess the next one.
+template <typename KV>
+inline void prefetch_rows(const KV* const* rows, int n, i64 off, i64 len) {
+    constexpr i64 line = 64 / sizeof(KV);
     for (int j = 0; j < n; ++j)
-        for (i64 d = 0; d < D; d += 16) __builtin_prefetch(rows[j] + d, 0, 3);
+        for (i64 d = 0; d < len; d += line) __builtin_prefetch(rows[j] + off + d, 0, 3);
+}
+
+// Marks the scores [n, KT) of rows [0, R) as padding (-inf, probability 0).
+inline void pad_scores(float* scores, i64 R, int n) {
+    for (i64 r = 0; r < R; ++r)
+        for (int j = n; j < KT; ++j) scores[r * KT + j] = NEG_INF;
 }
 
 // Attention of one (request, kv head g, query tile): n_q query tokens at flat rows [tok0, tok0 + n_q) and
 // positions [pos0, pos0 + n_q), all G query heads of the group.
-void attend_rows(const Problem& P, Scratch& S, i64 req, i64 g, i64 tok0, i64 pos0, i64 n_q) {
-    const i64 G = P.group(), D = P.head_dim;
+template <typename KV>
+void attend_rows(const Problem<KV>& P, Scratch<KV>& S, i64 req, i64 g, i64 tok0, i64 pos0, i64 n_q) {
+    const i64 G = P.group(), D = P.head_dim, off = g * D;
     const i64 R = n_q * G;  // row r: query token r / G, head g * G + r % G
     const i64* table = P.block_tables + req * P.table_stride;
     for (i64 r = 0; r < R; ++r) {
@@ -301,25 +328,26 @@ void attend_rows(const Problem& P, Scratch& S, i64 req, i64 g, i64 tok0, i64 pos
     const i64 last = pos0 + n_q - 1;  // positions of the tile: [pos0, last]
     const i64 key_begin = P.window > 0 ? std::max<i64>(0, pos0 - P.window + 1) : 0;
     const i64 key_end = last + 1;
-    // Double-buffered row pointers: while segment k0 is computed, the K rows of the next one are prefetched
+    // Double-buffered slot pointers: while segment k0 is computed, the K rows of the next one are prefetched
     // (and the V rows of this one, which are needed only after its scores).
-    const float** krows = S.krows.data();
-    const float** vrows = S.vrows.data();
-    segment_rows(P, table, g, key_begin, static_cast<int>(std::min<i64>(KT, key_end - key_begin)), krows, vrows);
+    const KV** kslots = S.kslots.data();
+    const KV** vslots = S.vslots.data();
+    segment_slots(P, table, key_begin, static_cast<int>(std::min<i64>(KT, key_end - key_begin)), kslots, vslots);
     for (i64 k0 = key_begin; k0 < key_end; k0 += KT) {
         const int n = static_cast<int>(std::min<i64>(KT, key_end - k0));
-        const float** next_k = krows == S.krows.data() ? krows + KT : S.krows.data();
-        const float** next_v = vrows == S.vrows.data() ? vrows + KT : S.vrows.data();
-        prefetch_rows(vrows, n, D);
+        const KV** next_k = kslots == S.kslots.data() ? kslots + KT : S.kslots.data();
+        const KV** next_v = vslots == S.vslots.data() ? vslots + KT : S.vslots.data();
+        prefetch_rows(vslots, n, off, D);
         if (k0 + KT < key_end) {
             const int n_next = static_cast<int>(std::min<i64>(KT, key_end - k0 - KT));
-            segment_rows(P, table, g, k0 + KT, n_next, next_k, next_v);
-            prefetch_rows(next_k, n_next, D);
+            segment_slots(P, table, k0 + KT, n_next, next_k, next_v);
+            prefetch_rows(next_k, n_next, off, D);
         }
-        qk_scores(S.qrows.data(), R, krows, n, D, P.scale, S.scores.data());
+        qk_scores(S.qrows.data(), R, kslots, off, n, D, P.scale, S.scores.data());
         // Masking: the whole segment is allowed for every row unless it reaches past the tile's first position
         // (causal) or starts before the last position's window.
         const bool all_allowed = k0 + n - 1 <= pos0 && (P.window <= 0 || k0 > last - P.window);
+        pad_scores(S.scores.data(), R, n);
         for (i64 r = 0; r < R; ++r) {
             float* s = S.scores.data() + r * KT;
             if (!all_allowed) {
@@ -328,7 +356,6 @@ void attend_rows(const Problem& P, Scratch& S, i64 req, i64 g, i64 tok0, i64 pos
                 for (int j = 0; j < n; ++j)
                     if (k0 + j > p || k0 + j < lo) s[j] = NEG_INF;
             }
-            for (int j = n; j < KT; ++j) s[j] = NEG_INF;
             bool any = all_allowed;
             for (int j = 0; j < n && !any; ++j) any = s[j] != NEG_INF;
             if (any) {
@@ -337,9 +364,9 @@ void attend_rows(const Problem& P, Scratch& S, i64 req, i64 g, i64 tok0, i64 pos
                 std::fill(s, s + KT, 0.0f);  // no allowed key here: contributes nothing
             }
         }
-        pv_accumulate(S.scores.data(), R, vrows, n, D, S.acc.data());
-        krows = next_k;
-        vrows = next_v;
+        pv_accumulate(S.scores.data(), R, vslots, off, n, D, S.acc.data());
+        kslots = next_k;
+        vslots = next_v;
     }
     for (i64 r = 0; r < R; ++r) {
         float* o = P.out + (tok0 + r / G) * P.out_stride + (g * G + r % G) * D;
@@ -349,47 +376,136 @@ void attend_rows(const Problem& P, Scratch& S, i64 req, i64 g, i64 tok0, i64 pos
     }
 }
 
+// Decode attention of request req over its key positions [key_lo, key_hi), all H heads at once: each segment
+// of cache slots is read front to back (a slot holds every kv head's row, so the reads are contiguous within a
+// block) and serves the G query heads of each kv head. Leaves the unnormalised state of the range: running max
+// m[h], sum of exp l[h] and acc[h][D], relative to exp(m[h]).
+template <typename KV>
+void attend_decode_range(const Problem<KV>& P, Scratch<KV>& S, i64 req, i64 key_lo, i64 key_hi, float* m, float* l,
+                         float* acc) {
+    const i64 H = P.num_heads, G = P.group(), D = P.head_dim, slot = P.slot_stride();
+    const i64* table = P.block_tables + req * P.table_stride;
+    for (i64 h = 0; h < H; ++h) {
+        S.qrows[h] = P.q + req * P.q_stride + h * D;
+        m[h] = NEG_INF;
+        l[h] = 0.0f;
+    }
+    std::fill(acc, acc + H * D, 0.0f);
+    const KV** kslots = S.kslots.data();
+    const KV** vslots = S.vslots.data();
+    segment_slots(P, table, key_lo, static_cast<int>(std::min<i64>(KT, key_hi - key_lo)), kslots, vslots);
+    for (i64 k0 = key_lo; k0 < key_hi; k0 += KT) {
+        const int n = static_cast<int>(std::min<i64>(KT, key_hi - k0));
+        const KV** next_k = kslots == S.kslots.data() ? kslots + KT : S.kslots.data();
+        const KV** next_v = vslots == S.vslots.data() ? vslots + KT : S.vslots.data();
+        prefetch_rows(vslots, n, 0, slot);
+        if (k0 + KT < key_hi) {
+            const int n_next = static_cast<int>(std::min<i64>(KT, key_hi - k0 - KT));
+            segment_slots(P, table, k0 + KT, n_next, next_k, next_v);
+            prefetch_rows(next_k, n_next, 0, slot);
+        }
+        for (i64 g = 0; g < P.num_kv_heads; ++g)
+            qk_scores(S.qrows.data() + g * G, G, kslots, g * D, n, D, P.scale, S.scores.data() + g * G * KT);
+        pad_scores(S.scores.data(), H, n);  // a decode query may attend every key of its range
+        for (i64 h = 0; h < H; ++h) softmax_step(S.scores.data() + h * KT, m[h], l[h], acc + h * D, D);
+        for (i64 g = 0; g < P.num_kv_heads; ++g)
+            pv_accumulate(S.scores.data() + g * G * KT, G, vslots, g * D, n, D, acc + g * G * D);
+        kslots = next_k;
+        vslots = next_v;
+    }
+}
+
 int threads(int requested) { return requested > 0 ? requested : omp_get_max_threads(); }
 
-}  // namespace
+inline void store_row(float* dst, const float* src, i64 n) { std::memcpy(dst, src, n * sizeof(float)); }
+inline void store_row(_Float16* dst, const float* src, i64 n) {
+    i64 d = 0;
+#if PAGODA_AVX2
+    for (; d + 8 <= n; d += 8)  // round to nearest even, as torch's .to(torch.float16)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + d),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + d), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; d < n; ++d) dst[d] = static_cast<_Float16>(src[d]);
+}
 
-extern "C" {
-
-// k_cache[slots[t]] = k[t], v_cache[slots[t]] = v[t] for t in [0, T); a row is Hkv * D floats, contiguous in
-// k and v (token strides k_stride, v_stride) and in the caches.
-void paged_cache_write(const float* k, int64_t k_stride, const float* v, int64_t v_stride, const int64_t* slots,
-                       int64_t num_tokens, int64_t row, float* k_cache, float* v_cache) {
-    for (int64_t t = 0; t < num_tokens; ++t) {
-        std::memcpy(k_cache + slots[t] * row, k + t * k_stride, row * sizeof(float));
-        std::memcpy(v_cache + slots[t] * row, v + t * v_stride, row * sizeof(float));
+template <typename KV>
+void cache_write(const float* k, i64 k_stride, const float* v, i64 v_stride, const i64* slots, i64 num_tokens,
+                 i64 row, KV* k_cache, KV* v_cache) {
+    for (i64 t = 0; t < num_tokens; ++t) {
+        store_row(k_cache + slots[t] * row, k + t * k_stride, row);
+        store_row(v_cache + slots[t] * row, v + t * v_stride, row);
     }
 }
 
-// Requests [0, num_seqs): one query token each, flat row i, at position context_lens[i] - 1.
-void paged_attention_decode(const float* q, int64_t q_stride, float* out, int64_t out_stride, const float* k_cache,
-                            const float* v_cache, const int64_t* block_tables, int64_t table_stride,
-                            const int64_t* context_lens, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
-                            int64_t head_dim, int64_t block_size, int64_t window, float scale, int num_threads) {
-    const Problem P{q, q_stride, out, out_stride, k_cache, v_cache, block_tables, table_stride, context_lens,
-                    num_heads, num_kv_heads, head_dim, block_size, window, scale};
-#pragma omp parallel num_threads(threads(num_threads))
+// Work items are (request, key range): a request's keys are split into ranges only when there are too few
+// requests to keep every thread busy (flash-decoding); the ranges' partial states are then merged.
+template <typename KV>
+void decode(const Problem<KV>& P, i64 num_seqs, int nt) {
+    const int64_t H = P.num_heads, D = P.head_dim, window = P.window;
+    // Ranges per request: enough items for ~4 per thread, but no range shorter than MIN_RANGE keys.
+    const int64_t wanted = std::max<int64_t>(1, (4 * nt + num_seqs - 1) / num_seqs);
+    std::vector<int64_t> item_start(num_seqs + 1, 0), key_begin(num_seqs), range_len(num_seqs);
+    for (int64_t i = 0; i < num_seqs; ++i) {
+        const int64_t end = P.context_lens[i];
+        key_begin[i] = window > 0 ? std::max<int64_t>(0, end - window) : 0;
+        const int64_t len = end - key_begin[i];
+        const int64_t ranges = std::min(wanted, std::max<int64_t>(1, len / MIN_RANGE));
+        range_len[i] = ((len + ranges - 1) / ranges + P.block_size - 1) / P.block_size * P.block_size;
+        item_start[i + 1] = item_start[i] + (len + range_len[i] - 1) / range_len[i];
+    }
+    const int64_t num_items = item_start[num_seqs];
+    const bool split = num_items > num_seqs;
+    // Partial states of split requests, per item: m [H], l [H], acc [H][D].
+    std::vector<float> partial(split ? num_items * H * (D + 2) : 0);
+#pragma omp parallel num_threads(nt)
     {
-        Scratch S(P.group(), head_dim);
-#pragma omp for collapse(2) schedule(dynamic)
-        for (int64_t i = 0; i < num_seqs; ++i)
-            for (int64_t g = 0; g < num_kv_heads; ++g) attend_rows(P, S, i, g, i, context_lens[i] - 1, 1);
+        Scratch<KV> S(H, D);
+        std::vector<float> state(H * (D + 2));
+#pragma omp for schedule(dynamic)
+        for (int64_t item = 0; item < num_items; ++item) {
+            const int64_t i = std::upper_bound(item_start.begin(), item_start.end(), item) - item_start.begin() - 1;
+            const int64_t lo = key_begin[i] + (item - item_start[i]) * range_len[i];
+            const int64_t hi = std::min(P.context_lens[i], lo + range_len[i]);
+            const bool whole = item_start[i + 1] - item_start[i] == 1;
+            float* st = whole ? state.data() : partial.data() + item * H * (D + 2);
+            attend_decode_range(P, S, i, lo, hi, st, st + H, st + 2 * H);
+            if (whole) {
+                for (int64_t h = 0; h < H; ++h) {
+                    const float inv = 1.0f / st[H + h];
+                    const float* a = st + 2 * H + h * D;
+                    float* o = P.out + i * P.out_stride + h * D;
+                    for (int64_t d = 0; d < D; ++d) o[d] = a[d] * inv;
+                }
+            }
+        }
+        if (split) {
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < num_seqs; ++i) {
+                const int64_t first = item_start[i], count = item_start[i + 1] - first;
+                if (count == 1) continue;
+                for (int64_t h = 0; h < H; ++h) {
+                    float mx = NEG_INF;
+                    for (int64_t c = 0; c < count; ++c) mx = std::max(mx, partial[(first + c) * H * (D + 2) + h]);
+                    float l = 0.0f;
+                    float* o = P.out + i * P.out_stride + h * D;
+                    std::fill(o, o + D, 0.0f);
+                    for (int64_t c = 0; c < count; ++c) {
+                        const float* st = partial.data() + (first + c) * H * (D + 2);
+                        const float w = std::exp(st[h] - mx);  // every range holds at least one key: m is finite
+                        l += w * st[H + h];
+                        const float* a = st + 2 * H + h * D;
+                        for (int64_t d = 0; d < D; ++d) o[d] += w * a[d];
+                    }
+                    const float inv = 1.0f / l;
+                    for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+                }
+            }
+        }
     }
 }
 
-// Requests [first, last): request i has flat query rows [query_start[i], query_start[i + 1]) at the last
-// positions of its context_lens[i]. Its queries are cut into tiles of ~TILE_ROWS / G tokens.
-void paged_attention_prefill(const float* q, int64_t q_stride, float* out, int64_t out_stride, const float* k_cache,
-                             const float* v_cache, const int64_t* block_tables, int64_t table_stride,
-                             const int64_t* context_lens, const int64_t* query_start, int64_t first, int64_t last,
-                             int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
-                             int64_t window, float scale, int num_threads) {
-    const Problem P{q, q_stride, out, out_stride, k_cache, v_cache, block_tables, table_stride, context_lens,
-                    num_heads, num_kv_heads, head_dim, block_size, window, scale};
+template <typename KV>
+void prefill(const Problem<KV>& P, const i64* query_start, i64 first, i64 last, int nt) {
     const int64_t tile = std::max<int64_t>(1, TILE_ROWS / P.group());
     std::vector<int64_t> tile_start(last - first + 1, 0);  // prefix sums of tiles per request
     for (int64_t i = first; i < last; ++i) {
@@ -397,20 +513,73 @@ void paged_attention_prefill(const float* q, int64_t q_stride, float* out, int64
         tile_start[i - first + 1] = tile_start[i - first] + (n + tile - 1) / tile;
     }
     const int64_t num_tiles = tile_start.back();
-#pragma omp parallel num_threads(threads(num_threads))
+#pragma omp parallel num_threads(nt)
     {
-        Scratch S(tile * P.group(), head_dim);
+        Scratch<KV> S(tile * P.group(), P.head_dim);
 #pragma omp for collapse(2) schedule(dynamic)
         for (int64_t order = 0; order < num_tiles; ++order)
-            for (int64_t g = 0; g < num_kv_heads; ++g) {
+            for (int64_t g = 0; g < P.num_kv_heads; ++g) {
                 const int64_t t = num_tiles - 1 - order;  // last tiles first: they attend to the most keys
                 const int64_t idx = std::upper_bound(tile_start.begin(), tile_start.end(), t) - tile_start.begin() - 1;
                 const int64_t i = first + idx;
                 const int64_t n = query_start[i + 1] - query_start[i];
                 const int64_t q0 = (t - tile_start[idx]) * tile;  // first query of the tile within the request
-                attend_rows(P, S, i, g, query_start[i] + q0, context_lens[i] - n + q0, std::min(tile, n - q0));
+                attend_rows(P, S, i, g, query_start[i] + q0, P.context_lens[i] - n + q0, std::min(tile, n - q0));
             }
     }
+}
+
+}  // namespace
+
+extern "C" {
+
+// k_cache[slots[t]] = k[t], v_cache[slots[t]] = v[t] for t in [0, T); a row is Hkv * D elements, contiguous in
+// k and v (fp32, token strides k_stride, v_stride) and in the caches (kv_dtype: 0 fp32, 1 fp16).
+void paged_cache_write(const float* k, int64_t k_stride, const float* v, int64_t v_stride, const int64_t* slots,
+                       int64_t num_tokens, int64_t row, void* k_cache, void* v_cache, int64_t kv_dtype) {
+    if (kv_dtype == 1)
+        cache_write(k, k_stride, v, v_stride, slots, num_tokens, row, static_cast<_Float16*>(k_cache),
+                    static_cast<_Float16*>(v_cache));
+    else
+        cache_write(k, k_stride, v, v_stride, slots, num_tokens, row, static_cast<float*>(k_cache),
+                    static_cast<float*>(v_cache));
+}
+
+// Requests [0, num_seqs): one query token each, flat row i, at position context_lens[i] - 1.
+void paged_attention_decode(const float* q, int64_t q_stride, float* out, int64_t out_stride, const void* k_cache,
+                            const void* v_cache, int64_t kv_dtype, const int64_t* block_tables,
+                            int64_t table_stride, const int64_t* context_lens, int64_t num_seqs, int64_t num_heads,
+                            int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t window, float scale,
+                            int num_threads) {
+    if (kv_dtype == 1)
+        decode(Problem<_Float16>{q, q_stride, out, out_stride, static_cast<const _Float16*>(k_cache),
+                                 static_cast<const _Float16*>(v_cache), block_tables, table_stride, context_lens,
+                                 num_heads, num_kv_heads, head_dim, block_size, window, scale},
+               num_seqs, threads(num_threads));
+    else
+        decode(Problem<float>{q, q_stride, out, out_stride, static_cast<const float*>(k_cache),
+                              static_cast<const float*>(v_cache), block_tables, table_stride, context_lens,
+                              num_heads, num_kv_heads, head_dim, block_size, window, scale},
+               num_seqs, threads(num_threads));
+}
+
+// Requests [first, last): request i has flat query rows [query_start[i], query_start[i + 1]) at the last
+// positions of its context_lens[i]. Its queries are cut into tiles of ~TILE_ROWS / G tokens.
+void paged_attention_prefill(const float* q, int64_t q_stride, float* out, int64_t out_stride, const void* k_cache,
+                             const void* v_cache, int64_t kv_dtype, const int64_t* block_tables,
+                             int64_t table_stride, const int64_t* context_lens, const int64_t* query_start,
+                             int64_t first, int64_t last, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                             int64_t block_size, int64_t window, float scale, int num_threads) {
+    if (kv_dtype == 1)
+        prefill(Problem<_Float16>{q, q_stride, out, out_stride, static_cast<const _Float16*>(k_cache),
+                                  static_cast<const _Float16*>(v_cache), block_tables, table_stride, context_lens,
+                                  num_heads, num_kv_heads, head_dim, block_size, window, scale},
+                query_start, first, last, threads(num_threads));
+    else
+        prefill(Problem<float>{q, q_stride, out, out_stride, static_cast<const float*>(k_cache),
+                               static_cast<const float*>(v_cache), block_tables, table_stride, context_lens,
+                               num_heads, num_kv_heads, head_dim, block_size, window, scale},
+                query_start, first, last, threads(num_threads));
 }
 
 }  // extern "C"

@@ -5,7 +5,8 @@ addresses, built once per step and shared by every layer) and the per-layer call
 then decode and prefill attention read the context in place through the block tables, with no gather).
 Semantics are the reference backend's (attention_reference.py), which is the oracle in the tests.
 
-The kernel computes in fp32 over an fp32 KV cache. q, k, v of another dtype are converted to fp32 (and the
+The kernel computes in fp32 over an fp32 or fp16 KV cache (KV_DTYPES; fp16 rows are widened on load, new rows
+rounded to nearest even, as torch's .to(torch.float16)). q, k, v of another dtype are converted to fp32 (and the
 output back); a cache of another dtype is not supported here: attention_select.py picks the reference backend
 for it.
 """
@@ -22,16 +23,19 @@ from pagoda import kernels
 from pagoda.layers.attention import Attention, AttentionBackend, BatchLayout
 
 _P, _I64, _F32, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+# KV cache dtypes the kernel reads, and the code it knows each by.
+KV_DTYPES = {torch.float32: 0, torch.float16: 1}
+
 _ARGTYPES = {
-    # k, k_stride, v, v_stride, slots, num_tokens, row, k_cache, v_cache
-    "paged_cache_write": [_P, _I64, _P, _I64, _P, _I64, _I64, _P, _P],
-    # q, q_stride, out, out_stride, k_cache, v_cache, block_tables, table_stride, context_lens, num_seqs,
-    # num_heads, num_kv_heads, head_dim, block_size, window, scale, num_threads
-    "paged_attention_decode": [_P, _I64, _P, _I64, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _I64, _I64, _F32,
-                               _INT],
+    # k, k_stride, v, v_stride, slots, num_tokens, row, k_cache, v_cache, kv_dtype
+    "paged_cache_write": [_P, _I64, _P, _I64, _P, _I64, _I64, _P, _P, _I64],
+    # q, q_stride, out, out_stride, k_cache, v_cache, kv_dtype, block_tables, table_stride, context_lens,
+    # num_seqs, num_heads, num_kv_heads, head_dim, block_size, window, scale, num_threads
+    "paged_attention_decode": [_P, _I64, _P, _I64, _P, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64, _I64, _I64,
+                               _F32, _INT],
     # as decode, with query_start, first, last instead of num_seqs
-    "paged_attention_prefill": [_P, _I64, _P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64,
-                                _I64, _F32, _INT],
+    "paged_attention_prefill": [_P, _I64, _P, _I64, _P, _P, _I64, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64,
+                                _I64, _I64, _F32, _INT],
 }
 
 
@@ -101,10 +105,10 @@ class CpuPagedBackend(AttentionBackend):
 
     def forward(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, md: CpuMetadata) -> torch.Tensor:
-        # The kernel indexes the cache as [2, num_slots, Hkv, D] fp32, densely packed: check before touching it.
-        if kv_cache.dtype != torch.float32 or not kv_cache.is_contiguous() or not kv_cache.is_cpu:
-            raise ValueError(f"the cpu attention backend needs a contiguous fp32 KV cache in CPU memory, got "
-                             f"{kv_cache.dtype} on {kv_cache.device}")
+        # The kernel indexes the cache as [2, num_slots, Hkv, D], densely packed: check before touching it.
+        if kv_cache.dtype not in KV_DTYPES or not kv_cache.is_contiguous() or not kv_cache.is_cpu:
+            raise ValueError(f"the cpu attention backend needs a contiguous fp32 or fp16 KV cache in CPU memory, "
+                             f"got {kv_cache.dtype} on {kv_cache.device}")
         out_dtype = q.dtype
         q, k, v = _fp32_rows(q), _fp32_rows(k), _fp32_rows(v)
         num_tokens, num_heads, head_dim = q.shape
@@ -113,19 +117,20 @@ class CpuPagedBackend(AttentionBackend):
             raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)} and the KV cache {tuple(kv_cache.shape)} "
                              f"do not match the step ({md.num_tokens} tokens)")
         lib = self.lib
+        kv_dtype = KV_DTYPES[kv_cache.dtype]
         k_cache = kv_cache.data_ptr()
-        v_cache = k_cache + kv_cache.stride(0) * 4  # fp32: 4 bytes per element
+        v_cache = k_cache + kv_cache.stride(0) * kv_cache.element_size()
         lib.paged_cache_write(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), md.slots_ptr, num_tokens,
-                              num_kv_heads * head_dim, k_cache, v_cache)
+                              num_kv_heads * head_dim, k_cache, v_cache, kv_dtype)
         out = torch.empty(num_tokens, num_heads, head_dim, dtype=torch.float32)
         window = layer.sliding_window or 0
         row = num_heads * head_dim
         if md.num_decodes:
-            lib.paged_attention_decode(q.data_ptr(), q.stride(0), out.data_ptr(), row, k_cache, v_cache,
+            lib.paged_attention_decode(q.data_ptr(), q.stride(0), out.data_ptr(), row, k_cache, v_cache, kv_dtype,
                                        md.tables_ptr, md.table_stride, md.lens_ptr, md.num_decodes, num_heads,
                                        num_kv_heads, head_dim, md.block_size, window, layer.scale, md.num_threads)
         if md.num_decodes < md.num_requests:
-            lib.paged_attention_prefill(q.data_ptr(), q.stride(0), out.data_ptr(), row, k_cache, v_cache,
+            lib.paged_attention_prefill(q.data_ptr(), q.stride(0), out.data_ptr(), row, k_cache, v_cache, kv_dtype,
                                         md.tables_ptr, md.table_stride, md.lens_ptr, md.starts_ptr, md.num_decodes,
                                         md.num_requests, num_heads, num_kv_heads, head_dim, md.block_size, window,
                                         layer.scale, md.num_threads)

@@ -98,6 +98,8 @@ class ReferenceBackend(AttentionBackend):
             qs = q[span.q_start:span.q_end].transpose(0, 1)  # [H, n, D]
             if span.slots is None:
                 keys, values = k[span.q_start:span.q_end], v[span.q_start:span.q_end]
+                if k_cache.dtype != k.dtype:  # attend to what the cache holds, as a later chunk would
+                    keys, values = keys.to(k_cache.dtype).to(q.dtype), values.to(v_cache.dtype).to(q.dtype)
             else:
                 keys, values = k_cache[span.slots].to(q.dtype), v_cache[span.slots].to(q.dtype)
             mask = span.masks[window]

@@ -1,6 +1,6 @@
 """Chooses the attention backend of an engine: the native CPU kernel or the torch reference.
 
-"auto" takes the CPU kernel when it can run (CPU device, fp32 KV cache, the kernel compiles) and the reference
+"auto" takes the CPU kernel when it can run (CPU device, fp32 or fp16 KV cache, the kernel compiles) and the reference
 otherwise; "cpu" requires the kernel and fails loudly when it cannot run; "reference" is always available.
 Exactly one log line says which backend was chosen and why.
 """
@@ -24,8 +24,10 @@ def _cpu_unsupported(device: torch.device, cache_dtype: torch.dtype) -> str | No
     """Why the CPU kernel cannot serve this engine, or None when it can (compiling aside)."""
     if device.type != "cpu":
         return f"the device is {device.type}, not cpu"
-    if cache_dtype != torch.float32:
-        return f"the KV cache is {str(cache_dtype).removeprefix('torch.')}; the kernel reads fp32 only"
+    from pagoda.layers.attention_cpu import KV_DTYPES
+
+    if cache_dtype not in KV_DTYPES:
+        return f"the KV cache is {str(cache_dtype).removeprefix('torch.')}; the kernel reads fp32 and fp16 only"
     return None
 
 
@@ -54,7 +56,8 @@ def create_backend(name: str, device: torch.device, cache_dtype: torch.dtype) ->
         except KernelBuildError as exc:
             reason = f"the native kernel did not build ({str(exc).splitlines()[0]})"
         else:
-            logger.info("attention backend: cpu (auto: CPU device, fp32 KV cache, kernel built)")
+            logger.info("attention backend: cpu (auto: CPU device, %s KV cache, kernel built)",
+                        str(cache_dtype).removeprefix("torch."))
             return backend
     logger.info("attention backend: reference (auto: %s)", reason)
     return ReferenceBackend(device)

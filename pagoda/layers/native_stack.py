@@ -23,7 +23,7 @@ from torch import nn
 
 from pagoda import kernels
 from pagoda.layers.attention import get_forward_context
-from pagoda.layers.attention_cpu import CpuMetadata, CpuPagedBackend
+from pagoda.layers.attention_cpu import KV_DTYPES, CpuMetadata, CpuPagedBackend
 from pagoda.layers.quantized import QuantizedLinear
 
 logger = logging.getLogger("pagoda")
@@ -43,7 +43,8 @@ class _Layer(ctypes.Structure):
 
 class _Stack(ctypes.Structure):
     _fields_ = [("num_layers", _I64), ("hidden", _I64), ("heads", _I64), ("kv_heads", _I64), ("head_dim", _I64),
-                ("intermediate", _I64), ("num_slots", _I64), ("eps", _F32), ("scale", _F32), ("cos", _P),
+                ("intermediate", _I64), ("num_slots", _I64), ("kv_dtype", _I64), ("eps", _F32), ("scale", _F32),
+                ("cos", _P),
                 ("sin", _P), ("final_norm", _P), ("layers", ctypes.POINTER(_Layer))]
 
 
@@ -74,8 +75,8 @@ def unsupported_reason(model: nn.Module, kv_caches: list[torch.Tensor], backend)
         return f"{type(model).__name__} is not a Llama-layout model"
     if not isinstance(backend, CpuPagedBackend):
         return "the attention backend is not the native one"
-    if any(c.dtype != torch.float32 or not c.is_contiguous() or not c.is_cpu for c in kv_caches):
-        return "the KV cache is not fp32 in CPU memory"
+    if any(c.dtype not in KV_DTYPES or not c.is_contiguous() or not c.is_cpu for c in kv_caches):
+        return "the KV cache is not fp32 or fp16 in CPU memory"
     config = model.config
     if config.hidden_act != "silu" or config.attention_bias:
         return "the MLP is not SiLU-gated or the attention projections have a bias"
@@ -111,7 +112,7 @@ class NativeStack:
         self._layers = layers
         self.stack = _Stack(len(inner.layers), config.hidden_size, config.num_attention_heads,
                             config.num_key_value_heads, config.head_dim, config.intermediate_size,
-                            kv_caches[0].shape[1], config.rms_norm_eps, inner.layers[0].self_attn.attn.scale,
+                            kv_caches[0].shape[1], KV_DTYPES[kv_caches[0].dtype], config.rms_norm_eps, inner.layers[0].self_attn.attn.scale,
                             self._keep[0].data_ptr(), self._keep[1].data_ptr(), inner.norm.weight.data_ptr(), layers)
         self._stack_ref = ctypes.byref(self.stack)
         limits = [m.kernel_max_rows for m in model.model.modules() if isinstance(m, QuantizedLinear)]

@@ -8,6 +8,24 @@ import torch
 
 from pagoda.config import CacheConfig, ModelConfig
 
+KV_CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The KV cache's element type. "auto": fp16 for an fp32 model on the CPU, else the model's dtype.
+
+    Why fp16 by default on the CPU: decode attention reads every cached key and value of every request at every
+    step, so at large batches it is bound by memory traffic, which fp16 halves (and twice the tokens fit the
+    same budget). The native kernel widens fp16 rows to fp32 and computes in fp32; fp16 keeps 11 significant
+    bits (relative error <= 2^-11) and the range of K/V activations. llama.cpp's default cache is fp16 too.
+    "float32" keeps the cache exact (the tests that compare greedy tokens with transformers ask for it)."""
+    if name != "auto" and name not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype {name!r} is not supported; choose one of auto, "
+                         f"{', '.join(KV_CACHE_DTYPES)}")
+    if name != "auto":
+        return KV_CACHE_DTYPES[name]
+    return torch.float16 if device.type == "cpu" and model_dtype == torch.float32 else model_dtype
+
 
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
     """Keys and values of one token across all layers."""

@@ -17,7 +17,7 @@ from pagoda.layers import native_stack
 from pagoda.layers.quantized import check_quantization, quantize_model, resolve_quantization
 from pagoda.loader import open_checkpoint
 from pagoda.models.registry import model_class
-from pagoda.worker.kv_cache import KVCacheLayout, allocate_kv_cache, plan_kv_cache
+from pagoda.worker.kv_cache import KVCacheLayout, allocate_kv_cache, plan_kv_cache, resolve_kv_cache_dtype
 
 logger = logging.getLogger("pagoda")
 
@@ -52,7 +52,8 @@ def build_model(checkpoint, dtype: torch.dtype, device: torch.device) -> nn.Modu
 
 def load_model(path: Path, dtype: torch.dtype, device: torch.device, cache: CacheConfig,
                progress: bool = False, attention_backend: str = "auto", quantization: str | None = "auto") -> LoadedModel:
-    backend = create_backend(attention_backend, device, dtype)  # first: a bad choice fails before any loading
+    kv_dtype = resolve_kv_cache_dtype(cache.kv_cache_dtype, dtype, device)
+    backend = create_backend(attention_backend, device, kv_dtype)  # first: a bad choice fails before any loading
     if quantization != "auto":
         check_quantization(quantization, device)  # a bad choice fails before any loading
     checkpoint = open_checkpoint(path)
@@ -60,8 +61,8 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device, cache: Cach
     model = build_model(checkpoint, dtype, device)
     if quantization is not None:
         quantize_model(model, quantization, checkpoint.raw_weights() if checkpoint.raw_weights else None)
-    layout = plan_kv_cache(checkpoint.config, cache, dtype)
-    kv_caches = allocate_kv_cache(layout, checkpoint.config, dtype, device)  # dtype: the cache's, as in create_backend
+    layout = plan_kv_cache(checkpoint.config, cache, kv_dtype)
+    kv_caches = allocate_kv_cache(layout, checkpoint.config, kv_dtype, device)
     if quantization is not None:
         native_stack.attach(model, kv_caches, backend)
     return LoadedModel(model, checkpoint.config, checkpoint.tokenizer, layout, kv_caches, backend)
