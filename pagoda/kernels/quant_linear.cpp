@@ -64,28 +64,15 @@ inline void quantize_row(const float* x, int64_t K, int16_t* q, float* d) {
     }
 }
 
-// y[m][0..valid) = acc[m] for m < MR (valid < 16 only in the last tile when N is not a multiple of 16).
-template <int MR>
-inline void store_tile(const __m256 (&acc)[MR][2], float* y, int64_t ldy, int valid) {
-    for (int m = 0; m < MR; ++m) {
-        if (valid == NT) {
-            _mm256_storeu_ps(y + m * ldy, acc[m][0]);
-            _mm256_storeu_ps(y + m * ldy + 8, acc[m][1]);
-        } else {
-            alignas(32) float tmp[NT];
-            _mm256_store_ps(tmp, acc[m][0]);
-            _mm256_store_ps(tmp + 8, acc[m][1]);
-            std::memcpy(y + m * ldy, tmp, sizeof(float) * valid);
-        }
-    }
-}
-
 // One tile (16 output rows) for MR rows of x: y[m][0..valid) for m < MR.
 template <int MR>
 inline void tile_kernel(const int16_t* xq, const float* dx, int64_t K, const int8_t* q, const uint16_t* s,
                         int64_t groups, float* y, int64_t ldy, int valid) {
-    __m256 acc[MR][2];
-    for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    // As in q4_tile_kernel: the fp32 accumulators live in memory, updated once per group, so the registers
+    // hold the int32 sums (2 per row), the codes (2) and the x pair of 4 rows without spills.
+    alignas(32) float acc_mem[MR][NT];
+    for (int m = 0; m < MR; ++m)
+        for (int i = 0; i < NT; ++i) acc_mem[m][i] = 0.0f;
     for (int64_t g = 0; g < groups; ++g) {
         __m256i isum[MR][2];  // exact int32 sums of the group's products, rows 0-7 and 8-15
         for (int m = 0; m < MR; ++m) isum[m][0] = isum[m][1] = _mm256_setzero_si256();
@@ -107,11 +94,14 @@ inline void tile_kernel(const int16_t* xq, const float* dx, int64_t K, const int
         const __m256 s0 = scales8(s + g * NT), s1 = scales8(s + g * NT + 8);
         for (int m = 0; m < MR; ++m) {
             const __m256 dm = _mm256_set1_ps(dx[m * groups + g]);
-            acc[m][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m][0]), _mm256_mul_ps(s0, dm), acc[m][0]);
-            acc[m][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m][1]), _mm256_mul_ps(s1, dm), acc[m][1]);
+            const __m256 a0 = _mm256_load_ps(acc_mem[m]), a1 = _mm256_load_ps(acc_mem[m] + 8);
+            _mm256_store_ps(acc_mem[m], _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m][0]), _mm256_mul_ps(s0, dm), a0));
+            _mm256_store_ps(acc_mem[m] + 8,
+                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m][1]), _mm256_mul_ps(s1, dm), a1));
         }
+        asm volatile("" : : "r"(&acc_mem[0][0]) : "memory");  // keep acc_mem in memory
     }
-    store_tile<MR>(acc, y, ldy, valid);
+    for (int m = 0; m < MR; ++m) std::memcpy(y + m * ldy, acc_mem[m], sizeof(float) * valid);
 }
 
 // All M rows of x against one tile, in blocks of 4 rows (the most whose sums fit the registers).
