@@ -20,7 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pagoda import LLM, SamplingParams  # noqa: E402
-from pagoda.worker.kv_cache import kv_bytes_per_token  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "kv_capacity.json"
 KV_TOKENS, WINDOW, PROMPT_LEN, OUTPUT_LEN, SUBMITTED = 8192, 2048, 256, 64, 64
@@ -28,8 +27,7 @@ KV_TOKENS, WINDOW, PROMPT_LEN, OUTPUT_LEN, SUBMITTED = 8192, 2048, 256, 64, 64
 
 def main() -> None:
     probe = LLM("smollm2-135m-instruct", kv_cache_memory="64MiB", progress=False)
-    config, dtype = probe.engine.runner.config, probe.engine.config.torch_dtype
-    per_token = kv_bytes_per_token(config, dtype)
+    per_token = probe.engine.kv_layout.bytes_per_token  # of the default cache dtype
     del probe
     llm = LLM("smollm2-135m-instruct", kv_cache_memory=KV_TOKENS * per_token, max_model_len=WINDOW,
               max_num_seqs=SUBMITTED, progress=False)
