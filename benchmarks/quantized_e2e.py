@@ -1,5 +1,9 @@
-"""End-to-end quantized (gguf: the file's own blocks; int8: requantized) vs fp32 weights on the default model:
-decode speed and output quality.
+"""End-to-end quantized (gguf: the file's own blocks; int8: requantized) weights and fp16 KV cache vs fp32
+weights and cache on the default model: decode speed and output quality.
+
+A configuration is QUANTIZATION[+KV_CACHE_DTYPE]: "gguf" is the default engine (the GGUF's blocks, fp16 KV
+cache on the CPU), "gguf+float32" the same weights with an fp32 cache; the reference "fp32" has fp32 weights and
+an fp32 cache.
 
 Speed: one request (or --batch requests at once), greedy, ignore_eos, --tokens tokens; time per output token
 after the first (steps after the prefill step), best of --repeats runs.
@@ -7,7 +11,8 @@ Quality: --prompts prompts x --quality-tokens greedy tokens. Reports greedy agre
 common prefix length), and, teacher-forced on fp32's greedy continuation, top-1 agreement and |logprob|
 differences of fp32's chosen tokens.
 
-    python benchmarks/quantized_e2e.py [--model PATH_OR_NAME] [--methods gguf,int8] [--tokens 128] [--batch 1,16]
+    python benchmarks/quantized_e2e.py [--model PATH_OR_NAME] [--methods gguf,gguf+float32,int8] [--tokens 128]
+                                       [--batch 1,16]
 """
 
 from __future__ import annotations
@@ -87,14 +92,18 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128, help="tokens per request for speed (default: 128)")
     parser.add_argument("--batch", default="1,16", help="requests at once for speed (default: 1,16)")
     parser.add_argument("--repeats", type=int, default=3, help="speed runs, best taken (default: 3)")
-    parser.add_argument("--methods", default="gguf,int8", help="quantizations to compare with fp32 (default: gguf,int8)")
+    parser.add_argument("--methods", default="gguf,gguf+float32,int8",
+                        help="QUANTIZATION[+KV_CACHE_DTYPE] configurations to compare with fp32 "
+                             "(default: gguf,gguf+float32,int8)")
     parser.add_argument("--prompts", type=int, default=8, help=f"quality prompts, at most {len(PROMPTS)}")
     parser.add_argument("--quality-tokens", type=int, default=64, help="greedy tokens per prompt (default: 64)")
     args = parser.parse_args()
     kwargs = {"dtype": "float32", "kv_cache_memory": "512MiB", "progress": False}
     methods = args.methods.split(",")
-    llms = {"fp32": LLM(args.model, quantization=None, **kwargs)}
-    llms.update({method: LLM(args.model, quantization=method, **kwargs) for method in methods})
+    llms = {"fp32": LLM(args.model, quantization=None, kv_cache_dtype="float32", **kwargs)}
+    for method in methods:
+        quantization, _, kv_cache_dtype = method.partition("+")
+        llms[method] = LLM(args.model, quantization=quantization, kv_cache_dtype=kv_cache_dtype or "auto", **kwargs)
     print(f"threads={torch.get_num_threads()}")
     for batch in (int(b) for b in args.batch.split(",")):
         for name, llm in llms.items():

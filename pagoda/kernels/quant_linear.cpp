@@ -20,9 +20,11 @@
 // and stay in L1/L2 for the next block.
 //
 // Invariants: K is a multiple of 32; x rows are `ldx` floats apart, y rows `ldy` floats apart; weights in
-// [-127, 127]; x finite. Threads split the tiles, so each output element is written by exactly one thread.
+// [-127, 127]; x finite. Threads split the tiles, so each output element is written by exactly one thread (and
+// split the rounding of x by rows when there are many).
 
 #include <immintrin.h>
+#include <omp.h>
 
 #include <cstdint>
 #include <cstring>
@@ -199,15 +201,20 @@ inline void q4_tile_all_rows(const int16_t* xq, const float* dx, const float* xs
 }
 
 // Per-thread buffers of the rounded activations, grown on demand.
+constexpr int64_t PARALLEL_QUANTIZE_ROWS = 32;  // rows from which q4_linear quantizes x on every thread
+
 struct QuantizedRows {
     std::vector<int16_t> xq;
     std::vector<float> dx, xs;
-    void quantize(const float* x, int64_t M, int64_t K, int64_t ldx, bool sums) {
-        const int64_t groups = K / QK;
+    void resize(int64_t M, int64_t K) {
         xq.resize(M * K);
-        dx.resize(M * groups);
-        xs.resize(M * groups);
-        for (int64_t m = 0; m < M; ++m) {
+        dx.resize(M * (K / QK));
+        xs.resize(M * (K / QK));
+    }
+    // Rows [m0, m1) of x; resize(M, K) first.
+    void quantize(const float* x, int64_t m0, int64_t m1, int64_t K, int64_t ldx, bool sums) {
+        const int64_t groups = K / QK;
+        for (int64_t m = m0; m < m1; ++m) {
             quantize_row(x + m * ldx, K, xq.data() + m * K, dx.data() + m * groups);
             if (!sums) continue;
             for (int64_t g = 0; g < groups; ++g) {
@@ -228,7 +235,8 @@ void int8_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t
                  int64_t N, float* y, int64_t ldy, int threads) {
     const int64_t tiles = (N + NT - 1) / NT, groups = K / QK;
     static thread_local QuantizedRows rows;  // per calling thread: callers may run concurrently
-    rows.quantize(x, M, K, ldx, false);
+    rows.resize(M, K);
+    rows.quantize(x, 0, M, K, ldx, false);
     const int16_t* xqp = rows.xq.data();
     const float* dxp = rows.dx.data();
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -240,14 +248,26 @@ void int8_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t
 void q4_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* q, const uint16_t* d,
                const uint16_t* mo, int64_t N, float* y, int64_t ldy, int threads) {
     const int64_t tiles = (N + NT - 1) / NT, groups = K / QK;
-    static thread_local QuantizedRows rows;
-    rows.quantize(x, M, K, ldx, true);
-    const int16_t* xqp = rows.xq.data();
-    const float *dxp = rows.dx.data(), *xsp = rows.xs.data();
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t t = 0; t < tiles; ++t)
-        q4_tile_all_rows(xqp, dxp, xsp, M, K, q + t * (K / 2) * NT, d + t * groups * NT, mo + t * groups * NT,
-                         y + t * NT, ldy, tile_rows(N, t));
+    static thread_local QuantizedRows rows_of_caller;
+    QuantizedRows* rows = &rows_of_caller;  // the caller's buffers, shared by the threads below
+    rows->resize(M, K);
+    const int16_t* xqp = rows->xq.data();
+    const float *dxp = rows->dx.data(), *xsp = rows->xs.data();
+    // Few rows: quantized by the calling thread. Many (prefill): by all threads, a slice each, before the tiles.
+    const bool split_rows = M >= PARALLEL_QUANTIZE_ROWS;
+    if (!split_rows) rows->quantize(x, 0, M, K, ldx, true);
+#pragma omp parallel num_threads(threads)
+    {
+        if (split_rows) {
+            const int64_t n = omp_get_num_threads(), i = omp_get_thread_num();
+            rows->quantize(x, M * i / n, M * (i + 1) / n, K, ldx, true);
+#pragma omp barrier
+        }
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles; ++t)
+            q4_tile_all_rows(xqp, dxp, xsp, M, K, q + t * (K / 2) * NT, d + t * groups * NT, mo + t * groups * NT,
+                             y + t * NT, ldy, tile_rows(N, t));
+    }
 }
 
 // out[K, T * 16] = dequant(W)^T, row-major fp32 (pad rows of W give zero columns): for large M, where a float
