@@ -94,7 +94,8 @@ def test_bfloat16_inputs_are_computed_in_fp32(cpu_backend):
     assert torch.equal(cpu_cache, ref_cache)
 
 
-@pytest.mark.parametrize("requests", [MIXED, [(1, 300)], [(1, 3), (1, 200), (1, 33)]], ids=["mixed", "split", "decodes"])
+@pytest.mark.parametrize("requests", [MIXED, [(1, 300)], [(1, 3), (1, 200), (1, 33)]],
+                         ids=["mixed", "split", "decodes"])
 @pytest.mark.parametrize("window", [None, 20], ids=["causal", "window20"])
 def test_fp16_cache_matches_reference(cpu_backend, requests, window):
     # the fp16 cache: new rows rounded exactly as torch rounds them, old rows widened on load

@@ -219,7 +219,7 @@ void qk_scores(const float* const* qrows, i64 R, const KV* const* krows, i64 off
                float* scores) {
     i64 r = 0;
 #if PAGODA_AVX2
-        for (; r + 2 <= R; r += 2) qk_block<2>(qrows + r, krows, off, n, D, scale, scores + r * KT);
+    for (; r + 2 <= R; r += 2) qk_block<2>(qrows + r, krows, off, n, D, scale, scores + r * KT);
     if (r < R) qk_block<1>(qrows + r, krows, off, n, D, scale, scores + r * KT);
 #else
     for (; r < R; ++r)
@@ -232,7 +232,7 @@ template <typename KV>
 void pv_accumulate(const float* probs, i64 R, const KV* const* vrows, i64 off, int n, i64 D, float* acc) {
     i64 r = 0;
 #if PAGODA_AVX2
-        for (; r + 2 <= R; r += 2) pv_block<2>(probs + r * KT, vrows, off, n, D, acc + r * D);
+    for (; r + 2 <= R; r += 2) pv_block<2>(probs + r * KT, vrows, off, n, D, acc + r * D);
     if (r < R) pv_block<1>(probs + r * KT, vrows, off, n, D, acc + r * D);
 #else
     for (; r < R; ++r)
@@ -296,13 +296,30 @@ inline void segment_slots(const Problem<KV>& P, const i64* table, i64 k0, int n,
     }
 }
 
-// Asks for the cache lines of floats [off, off + len) of n rows: blocks are scattered, so the hardware
+// Asks for the cache lines of elements [off, off + len) of n rows: blocks are scattered, so the hardware
 // prefetcher cannot guess the next one.
 template <typename KV>
 inline void prefetch_rows(const KV* const* rows, int n, i64 off, i64 len) {
     constexpr i64 line = 64 / sizeof(KV);
     for (int j = 0; j < n; ++j)
         for (i64 d = 0; d < len; d += line) __builtin_prefetch(rows[j] + off + d, 0, 3);
+}
+
+// One step of a double-buffered walk over the cache slots of positions [k0, end) in segments of KT: cur_v holds
+// segment k0's V slot pointers; requests their rows ([off, off + len) of each slot), fills nxt_k, nxt_v with the
+// next segment's slots and requests its K rows, so both arrive while segment k0 is computed. Returns segment
+// k0's number of keys.
+template <typename KV>
+inline int step_segment(const Problem<KV>& P, const i64* table, i64 k0, i64 end, i64 off, i64 len,
+                        const KV* const* cur_v, const KV** nxt_k, const KV** nxt_v) {
+    const int n = static_cast<int>(std::min<i64>(KT, end - k0));
+    prefetch_rows(cur_v, n, off, len);
+    if (k0 + KT < end) {
+        const int n_next = static_cast<int>(std::min<i64>(KT, end - k0 - KT));
+        segment_slots(P, table, k0 + KT, n_next, nxt_k, nxt_v);
+        prefetch_rows(nxt_k, n_next, off, len);
+    }
+    return n;
 }
 
 // Marks the scores [n, KT) of rows [0, R) as padding (-inf, probability 0).
@@ -328,21 +345,13 @@ void attend_rows(const Problem<KV>& P, Scratch<KV>& S, i64 req, i64 g, i64 tok0,
     const i64 last = pos0 + n_q - 1;  // positions of the tile: [pos0, last]
     const i64 key_begin = P.window > 0 ? std::max<i64>(0, pos0 - P.window + 1) : 0;
     const i64 key_end = last + 1;
-    // Double-buffered slot pointers: while segment k0 is computed, the K rows of the next one are prefetched
-    // (and the V rows of this one, which are needed only after its scores).
     const KV** kslots = S.kslots.data();
     const KV** vslots = S.vslots.data();
     segment_slots(P, table, key_begin, static_cast<int>(std::min<i64>(KT, key_end - key_begin)), kslots, vslots);
     for (i64 k0 = key_begin; k0 < key_end; k0 += KT) {
-        const int n = static_cast<int>(std::min<i64>(KT, key_end - k0));
         const KV** next_k = kslots == S.kslots.data() ? kslots + KT : S.kslots.data();
         const KV** next_v = vslots == S.vslots.data() ? vslots + KT : S.vslots.data();
-        prefetch_rows(vslots, n, off, D);
-        if (k0 + KT < key_end) {
-            const int n_next = static_cast<int>(std::min<i64>(KT, key_end - k0 - KT));
-            segment_slots(P, table, k0 + KT, n_next, next_k, next_v);
-            prefetch_rows(next_k, n_next, off, D);
-        }
+        const int n = step_segment(P, table, k0, key_end, off, D, vslots, next_k, next_v);
         qk_scores(S.qrows.data(), R, kslots, off, n, D, P.scale, S.scores.data());
         // Masking: the whole segment is allowed for every row unless it reaches past the tile's first position
         // (causal) or starts before the last position's window.
@@ -395,15 +404,9 @@ void attend_decode_range(const Problem<KV>& P, Scratch<KV>& S, i64 req, i64 key_
     const KV** vslots = S.vslots.data();
     segment_slots(P, table, key_lo, static_cast<int>(std::min<i64>(KT, key_hi - key_lo)), kslots, vslots);
     for (i64 k0 = key_lo; k0 < key_hi; k0 += KT) {
-        const int n = static_cast<int>(std::min<i64>(KT, key_hi - k0));
         const KV** next_k = kslots == S.kslots.data() ? kslots + KT : S.kslots.data();
         const KV** next_v = vslots == S.vslots.data() ? vslots + KT : S.vslots.data();
-        prefetch_rows(vslots, n, 0, slot);
-        if (k0 + KT < key_hi) {
-            const int n_next = static_cast<int>(std::min<i64>(KT, key_hi - k0 - KT));
-            segment_slots(P, table, k0 + KT, n_next, next_k, next_v);
-            prefetch_rows(next_k, n_next, 0, slot);
-        }
+        const int n = step_segment(P, table, k0, key_hi, 0, slot, vslots, next_k, next_v);  // whole slots
         for (i64 g = 0; g < P.num_kv_heads; ++g)
             qk_scores(S.qrows.data() + g * G, G, kslots, g * D, n, D, P.scale, S.scores.data() + g * G * KT);
         pad_scores(S.scores.data(), H, n);  // a decode query may attend every key of its range

@@ -112,7 +112,8 @@ class NativeStack:
         self._layers = layers
         self.stack = _Stack(len(inner.layers), config.hidden_size, config.num_attention_heads,
                             config.num_key_value_heads, config.head_dim, config.intermediate_size,
-                            kv_caches[0].shape[1], KV_DTYPES[kv_caches[0].dtype], config.rms_norm_eps, inner.layers[0].self_attn.attn.scale,
+                            kv_caches[0].shape[1], KV_DTYPES[kv_caches[0].dtype], config.rms_norm_eps,
+                            inner.layers[0].self_attn.attn.scale,
                             self._keep[0].data_ptr(), self._keep[1].data_ptr(), inner.norm.weight.data_ptr(), layers)
         self._stack_ref = ctypes.byref(self.stack)
         limits = [m.kernel_max_rows for m in model.model.modules() if isinstance(m, QuantizedLinear)]

@@ -17,7 +17,8 @@ from pagoda.layers import native_stack
 from pagoda.layers.quantized import check_quantization, quantize_model, resolve_quantization
 from pagoda.loader import open_checkpoint
 from pagoda.models.registry import model_class
-from pagoda.worker.kv_cache import KVCacheLayout, allocate_kv_cache, plan_kv_cache, resolve_kv_cache_dtype
+from pagoda.worker.kv_cache import (KVCacheLayout, allocate_kv_cache, plan_kv_cache,
+                                    resolve_kv_cache_dtype)
 
 logger = logging.getLogger("pagoda")
 
