@@ -17,7 +17,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", default="2GiB", help="memory for the KV cache, e.g. 2GiB (default: 2GiB)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once (default: 64)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step (default: 512)")
+    p.add_argument("--max-prefill-tokens", type=int, default=512,
+                   help="prompt tokens computed per step, beside one token per decoding request (default: 512)")
     p.add_argument("--attention-backend", default="auto", choices=("auto", "cpu", "reference"),
                    help="auto: the native CPU kernel when it can run, else the torch reference (default: auto)")
     p.add_argument("--quantization", default="auto", choices=("auto", "gguf", "int8", "none"),
@@ -34,7 +35,7 @@ def _engine_config(args: argparse.Namespace):
 
     return EngineConfig(model=args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
                         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                        max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend,
+                        max_prefill_tokens=args.max_prefill_tokens, attention_backend=args.attention_backend,
                         quantization=None if args.quantization == "none" else args.quantization,
                         kv_cache_dtype=args.kv_cache_dtype)
 

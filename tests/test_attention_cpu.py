@@ -184,9 +184,9 @@ PROMPTS = [
 def test_default_model_greedy_tokens_equal_reference(smollm_gguf):
     from pagoda import LLM
 
-    def make(backend, kv_cache_memory="128MiB", max_num_batched_tokens=24, **kw):
+    def make(backend, kv_cache_memory="128MiB", max_prefill_tokens=24, **kw):
         # 24 tokens per step: the longer prompts are prefilled in chunks continuing their cached prefix
-        return LLM(str(smollm_gguf), kv_cache_memory=kv_cache_memory, max_num_batched_tokens=max_num_batched_tokens,
+        return LLM(str(smollm_gguf), kv_cache_memory=kv_cache_memory, max_prefill_tokens=max_prefill_tokens,
                    attention_backend=backend, progress=False, **kw)
 
     reference = make("reference")
@@ -196,7 +196,7 @@ def test_default_model_greedy_tokens_equal_reference(smollm_gguf):
     assert isinstance(cpu.engine.runner.backend, CpuPagedBackend)
     assert greedy(cpu, PROMPTS) == expected
     # 12 blocks of 16 tokens cannot hold every request at once: some are preempted and recomputed
-    small = make("cpu", kv_cache_memory=12 * 16 * cpu.engine.kv_layout.bytes_per_token, max_num_batched_tokens=64,
+    small = make("cpu", kv_cache_memory=12 * 16 * cpu.engine.kv_layout.bytes_per_token, max_prefill_tokens=64,
                  enable_prefix_caching=False)
     assert greedy(small, PROMPTS) == expected
     assert small.engine.scheduler.num_preemptions_total > 0

@@ -51,7 +51,9 @@ def run_to_completion(sched: Scheduler, max_steps=10_000):
         if not sched.has_unfinished_requests():
             break
         out = sched.schedule()
-        assert out.num_batched_tokens <= sched.config.max_num_batched_tokens
+        prompt_tokens = sum(s.num_tokens for s in out.requests if s.num_tokens > 1)
+        assert prompt_tokens <= sched.config.max_prefill_tokens
+        assert out.num_batched_tokens == sum(s.num_tokens for s in out.requests)
         assert len(out.requests) <= sched.config.max_num_seqs
         steps.append(out)
         for o in sched.update_from_output(out, run_fake_model(out)):
@@ -123,7 +125,22 @@ def test_mixed_prefill_and_decode_in_one_step():
     sched.add_request(make_request("b", 30, 3))
     out = sched.schedule()
     kinds = {s.request_id: s.num_tokens for s in out.requests}
-    assert kinds == {"a": 1, "b": 15}, "decode of a and a prefill chunk of b share the step and its budget"
+    assert kinds == {"a": 1, "b": 16}, "the decode of a rides beside a whole prompt chunk of b"
+
+
+def test_decodes_do_not_shrink_the_prompt_budget():
+    sched = make_scheduler(num_blocks=256, max_num_seqs=8, budget=16)
+    for i in range(7):
+        sched.add_request(make_request(f"d{i}", 3, 100))
+    out = sched.schedule()
+    assert sum(s.num_tokens for s in out.requests) == 16, "prompts share the budget: 5 whole, the 6th chunked"
+    while any(sched.requests[f"d{i}"].num_computed_tokens < 3 for i in range(7)):
+        sched.update_from_output(out, run_fake_model(out))
+        out = sched.schedule()
+    sched.update_from_output(out, run_fake_model(out))
+    sched.add_request(make_request("prompt", 40, 1))
+    sizes = {s.request_id: s.num_tokens for s in sched.schedule().requests}
+    assert sizes == {**{f"d{i}": 1 for i in range(7)}, "prompt": 16}, "7 decodes and a whole 16-token chunk"
 
 
 def test_max_num_seqs_limits_running():

@@ -78,7 +78,7 @@ def test_greedy_batch_equals_transformers_and_each_alone(llm, expected_greedy):
 def test_greedy_under_preemption_equals_transformers(smollm_gguf, expected_greedy):
     # 12 blocks of 16 tokens: the prompts (up to ~50 tokens) plus 48 generated each cannot all fit at once.
     small = LLM(str(smollm_gguf), dtype="float32", kv_cache_dtype="float32", kv_cache_memory=12 * 16 * 46080,
-                max_num_batched_tokens=64, enable_prefix_caching=False, progress=False)
+                max_prefill_tokens=64, enable_prefix_caching=False, progress=False)
     assert small.engine.kv_layout.num_blocks == 12
     outs = small.generate(PROMPTS, greedy_params())
     assert small.engine.scheduler.num_preemptions_total > 0, "the cache is small enough that preemption happens"

@@ -1,8 +1,11 @@
 """Scheduler: one token-budget loop deciding, each step, which requests run and how many tokens each.
 
-Running requests go first, in admission order, each closing as much of its gap (num_tokens -
-num_computed_tokens) as the budget allows; then waiting requests are admitted first-come-first-served.
-This single rule gives chunked prefill and mixed prefill/decode batches. When the KV cache runs out, the
+Every running request that is decoding (one token to compute) runs each step. Prompt tokens share a budget of
+max_prefill_tokens per step: running requests in admission order close as much of their gap (num_tokens -
+num_computed_tokens) as the budget allows, then waiting requests are admitted first-come-first-served. This gives
+chunked prefill and mixed prefill/decode batches, and a prompt rate that does not depend on how many requests are
+decoding (when decode tokens came out of the same budget, a full batch of decodes left less than one prompt per
+step, and prompts arriving as fast as requests finished queued up for seconds). When the KV cache runs out, the
 most recently admitted running request is preempted: its blocks are freed and it goes back to the front of
 the queue, to recompute its history later (same tokens, so the same output). No torch here.
 """
@@ -21,11 +24,13 @@ from pagoda.request import Request, RequestStatus
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 64  # requests running at once
-    max_num_batched_tokens: int = 512  # tokens computed per step: bounds the step time, hence decode latency
+    # Prompt tokens computed per step; with one token per decoding request on top, a step computes at most
+    # max_prefill_tokens + max_num_seqs tokens: this bounds the step time, hence decode latency.
+    max_prefill_tokens: int = 512
     max_model_len: int = 8192
 
     def __post_init__(self) -> None:
-        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.max_model_len < 2:
+        if self.max_num_seqs < 1 or self.max_prefill_tokens < 1 or self.max_model_len < 2:
             raise ValueError(f"invalid scheduler limits: {self}")
 
 
@@ -84,14 +89,18 @@ class Scheduler:
     # ---- one step -----------------------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        budget = self.config.max_num_batched_tokens
+        prompt_budget = self.config.max_prefill_tokens
         scheduled: list[tuple[Request, int]] = []
         preempted: list[Request] = []
 
         index = 0
-        while index < len(self.running) and budget > 0:
+        while index < len(self.running):
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            gap = request.num_tokens - request.num_computed_tokens
+            num_new = 1 if gap == 1 else min(gap, prompt_budget)  # decodes never wait for the prompt budget
+            if num_new == 0:
+                index += 1
+                continue
             while not self.kv_cache.allocate_slots(request, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -100,15 +109,16 @@ class Scheduler:
                     break
             else:
                 scheduled.append((request, num_new))
-                budget -= num_new
+                if gap > 1:
+                    prompt_budget -= num_new
                 index += 1
 
         # Admit waiting requests only when nothing was preempted: the cache is already too full.
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while not preempted and self.waiting and prompt_budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             hits = self.kv_cache.find_cached_prefix(request)
             num_hit_tokens = len(hits) * self.kv_cache.block_size
-            num_new = min(request.num_tokens - num_hit_tokens, budget)
+            num_new = min(request.num_tokens - num_hit_tokens, prompt_budget)
             if not self.kv_cache.allocate_slots(request, num_new, hits):
                 break
             self.waiting.popleft()
@@ -118,11 +128,11 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             scheduled.append((request, num_new))
-            budget -= num_new
+            prompt_budget -= num_new
 
         return SchedulerOutput(
             requests=[self._to_scheduled(request, n) for request, n in scheduled],
-            num_batched_tokens=self.config.max_num_batched_tokens - budget,
+            num_batched_tokens=sum(n for _, n in scheduled),
             preempted_ids=[r.request_id for r in preempted],
         )
 

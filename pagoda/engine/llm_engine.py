@@ -36,7 +36,7 @@ class EngineConfig:
     kv_cache_memory: int | str = "2GiB"
     block_size: int = 16
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
+    max_prefill_tokens: int = 512  # prompt tokens per step; decoding requests add one token each
     max_model_len: int | None = None  # default: the model's context length, capped by the KV cache
     enable_prefix_caching: bool = True
     device: str = "cpu"
@@ -94,7 +94,7 @@ class LLMEngine:
             logger.warning("max_model_len lowered from %d to %d: the KV cache holds only %d tokens",
                            context, self.max_model_len, loaded.kv_layout.num_tokens)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
+            SchedulerConfig(config.max_num_seqs, config.max_prefill_tokens, self.max_model_len),
             KVCacheManager(loaded.kv_layout.num_blocks, config.block_size, config.enable_prefix_caching))
         self.runner = ModelRunner(loaded.model, loaded.config, loaded.kv_caches, config.block_size,
                                   loaded.backend, device)

@@ -16,7 +16,7 @@ Conversation = list[dict[str, Any]]
 
 class LLM:
     def __init__(self, model: str | None = None, *, dtype: str = "auto", kv_cache_memory: int | str = "2GiB",
-                 max_num_seqs: int = 64, max_model_len: int | None = None, max_num_batched_tokens: int = 512,
+                 max_num_seqs: int = 64, max_model_len: int | None = None, max_prefill_tokens: int = 512,
                  block_size: int = 16, enable_prefix_caching: bool = True, device: str = "cpu",
                  attention_backend: str = "auto", quantization: str | None = "auto", kv_cache_dtype: str = "auto",
                  progress: bool = True):
@@ -24,7 +24,7 @@ class LLM:
 
         self.engine = LLMEngine(EngineConfig(
             model=model or DEFAULT_MODEL, dtype=dtype, kv_cache_memory=kv_cache_memory, block_size=block_size,
-            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs, max_prefill_tokens=max_prefill_tokens, max_model_len=max_model_len,
             enable_prefix_caching=enable_prefix_caching, device=device, attention_backend=attention_backend,
             quantization=quantization, kv_cache_dtype=kv_cache_dtype), progress=progress)
         self._ids = itertools.count()
