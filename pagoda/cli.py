@@ -21,10 +21,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="prompt tokens computed per step, beside one token per decoding request (default: 512)")
     p.add_argument("--attention-backend", default="auto", choices=("auto", "cpu", "reference"),
                    help="auto: the native CPU kernel when it can run, else the torch reference (default: auto)")
-    p.add_argument("--quantization", default="auto", choices=("auto", "gguf", "int8", "none"),
-                   help="gguf: compute on the GGUF file's own Q4_1/Q8_0 blocks (exact weights); int8: requantize "
-                        "every linear layer to int8; none: weights in --dtype; auto (default): gguf for a GGUF "
-                        "file on the CPU, else none")
+    p.add_argument("--quantization", default="auto", choices=("auto", "gguf", "gguf-a8", "int8", "none"),
+                   help="gguf: compute on the GGUF file's own Q4_1/Q8_0 blocks (exact weights); gguf-a8: the "
+                        "same with activations rounded to int8 for the 4-bit layers, as llama.cpp does (faster "
+                        "prefill, outputs further from fp32); int8: requantize every linear layer to int8; "
+                        "none: weights in --dtype; auto (default): gguf for a GGUF file on the CPU, else none")
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
                    help="element type of the KV cache; auto (default): float16 for a float32 model on the CPU "
                         "(half the memory traffic of decode attention), else the model's dtype")

@@ -41,8 +41,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     device: str = "cpu"
     attention_backend: str = "auto"  # "auto", "cpu" (native kernel) or "reference": see layers/attention_select.py
-    # "auto": "gguf" for a GGUF file on the CPU, else None; None: weights in `dtype`; "gguf": compute on the
-    # file's own Q4_1/Q8_0 blocks; "int8": requantize every linear layer. See layers/quantized.py.
+    # "auto": "gguf" for a GGUF file on the CPU, else None; None: weights in `dtype`; "gguf" / "gguf-a8":
+    # compute on the file's own Q4_1/Q8_0 blocks, int16 / int8 activations for the 4-bit layers; "int8":
+    # requantize every linear layer. See layers/quantized.py.
     quantization: str | None = "auto"
     kv_cache_dtype: str = "auto"  # "auto": fp16 for an fp32 model on the CPU, else the model's dtype
 

@@ -20,7 +20,7 @@
 
 namespace {
 
-enum LinearKind : int64_t { INT8 = 1, Q4 = 2 };
+enum LinearKind : int64_t { INT8 = 1, Q4 = 2, Q4A16 = 3 };  // QuantizedLinear.kind
 
 struct QLinear {
     int64_t kind, n, k;
@@ -63,8 +63,10 @@ struct Batch {
 void linear(const QLinear& w, const float* x, int64_t M, float* y, int threads) {
     if (w.kind == INT8)
         int8_linear(x, M, w.k, w.k, static_cast<const int8_t*>(w.q), w.d, w.n, y, w.n, threads);
-    else
+    else if (w.kind == Q4)
         q4_linear(x, M, w.k, w.k, static_cast<const uint8_t*>(w.q), w.d, w.m, w.n, y, w.n, threads);
+    else
+        q4a16_linear(x, M, w.k, w.k, static_cast<const uint8_t*>(w.q), w.d, w.m, w.n, y, w.n, threads);
 }
 
 // y = x / rms(x) * w over n floats.

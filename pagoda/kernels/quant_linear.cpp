@@ -2,9 +2,9 @@
 // two packed formats:
 //   int8  Q8_0-style: symmetric int8, one fp16 scale per group of 32 weights along K;
 //   q4    Q4_1-style: 4-bit codes c in [0, 15], w = d * c + m with fp16 d and m per group of 32 (exactly the
-//         values of a GGUF Q4_1 tensor, repacked; see the q4 section below).
+//         values of a GGUF Q4_1 tensor, repacked; see the q4 section below, which rounds x to int8 instead).
 //
-// Method. Each row of x is rounded, per group of 32, to int16 with scale max|x_group| / 32767 (relative error
+// Method (int8). Each row of x is rounded, per group of 32, to int16 with scale max|x_group| / 32767 (relative error
 // at most 2^-16 of the group's largest value: far below the weights' int8 rounding). Then every product
 // int8 * int16 is exact, `_mm256_madd_epi16` sums two of them into an int32 lane, and a group's 32 products
 // are summed exactly in int32 (|sum| <= 32 * 127 * 32767 < 2^31). Only the per-group total is scaled, in
@@ -66,6 +66,26 @@ inline void quantize_row(const float* x, int64_t K, int16_t* q, float* d) {
     }
 }
 
+// x row [K] fp32 -> q [K] int8 in [-127, 127] and d [K/32] fp32 with x ~= q * d per group (the q4 kernel's x).
+inline void quantize_row_i8(const float* x, int64_t K, int8_t* q, float* d) {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the packs' 128-bit interleave
+    for (int64_t g = 0; g < K / QK; ++g) {
+        __m256 v[4], amax = _mm256_setzero_ps();
+        for (int j = 0; j < 4; ++j) {
+            v[j] = _mm256_loadu_ps(x + g * QK + j * 8);
+            amax = _mm256_max_ps(amax, _mm256_and_ps(v[j], abs_mask));
+        }
+        const float scale = hmax(amax) / 127.0f;
+        d[g] = scale;
+        const __m256 inv = _mm256_set1_ps(scale > 0 ? 1.0f / scale : 0.0f);
+        __m256i i32[4];
+        for (int j = 0; j < 4; ++j) i32[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));
+        const __m256i i8 = _mm256_packs_epi16(_mm256_packs_epi32(i32[0], i32[1]), _mm256_packs_epi32(i32[2], i32[3]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + g * QK), _mm256_permutevar8x32_epi32(i8, order));
+    }
+}
+
 // One tile (16 output rows) for MR rows of x: y[m][0..valid) for m < MR.
 template <int MR>
 inline void tile_kernel(const int16_t* xq, const float* dx, int64_t K, const int8_t* q, const uint16_t* s,
@@ -122,21 +142,93 @@ inline void tile_all_rows(const int16_t* xq, const float* dx, int64_t M, int64_t
 inline int tile_rows(int64_t N, int64_t t) { return static_cast<int>(N - t * NT < NT ? N - t * NT : NT); }
 
 
-// ---- q4 (Q4_1 values) ---------------------------------------------------------------------------------------
-// Packed layout, made by pagoda/layers/quantized.py (`pack_q4`): two of the int8 layout's 32-byte k-pair units
-// (A = pair 2*j4, B = pair 2*j4+1; bytes 0-15 hold rows 0-7, bytes 16-31 rows 8-15) share one 32-byte chunk of
-// 16 little-endian uint16 words: word L = A[L] | A[16+L] << 4 | B[L] << 8 | B[16+L] << 12. So four shifts and
-// masks of one load give the four int16 operands (A rows 0-7, A rows 8-15, B rows 0-7, B rows 8-15) with no
-// shuffle instructions.
-//   q4  [T][K/4][32]   uint8   (T = ceil(N / 16))
+// ---- q4 (Q4_1 values) with int8 activations (quantization "gguf-a8") ---------------------------------------
+// Method. Each row of x is rounded, per group of 32, to int8 with scale dx = max|x_group| / 127 (as llama.cpp
+// does for its Q4 dot products; half a step, max|x_group| / 254, per element at most). `_mm256_maddubs_epi16`
+// multiplies the unsigned 4-bit codes by the int8 x and sums adjacent pairs into int16 lanes: |c0 x0 + c1 x1| <=
+// 2 * 15 * 127 = 3810, so the 8 such terms of a group add up exactly in int16 (<= 30480) before one
+// `_mm256_madd_epi16` by ones widens a row's two lanes into its int32 group sum. That is about half the
+// instructions per weight of int16 operands.
+// Packed layout, made by pagoda/layers/quantized.py (`pack_q4`), tiles of NT = 16 output rows:
+//   q4  [T][K/4][32]   uint8   chunk (t, kq): byte 4 * r + i holds the code of row t*16 + r, column 4 * kq + i in
+//                              its low nibble and that of row t*16 + 8 + r in its high nibble (r < 8, i < 4)
 //   d   [T][K/32][16]  fp16    scale of the group, row t*16 + i
 //   m   [T][K/32][16]  fp16    offset of the group
-// A group's dot product is d * sum(x~ * c) + m * sum(x~), where x~ = xq * dx is the int16-rounded x row: the
-// first sum is exact in int32 (|sum| <= 32 * 15 * 32767), the second is xs = dx * sum(xq), one per row and
-// group, precomputed. So the result equals x~ @ W^T up to fp32 rounding of the per-group terms.
+// One 32-byte load, a mask and a shift give two registers of codes (rows 0-7 and 8-15, four columns each), and a
+// broadcast of four x bytes multiplies either: accumulators are lane-wise per row, no horizontal sums. A
+// group's dot product is d * sum(x~ * c) + m * sum(x~), where x~ = xq * dx is the int8-rounded x row: the first
+// sum is exact in integers, the second is xs = dx * sum(xq), one per row and group, precomputed. So the result
+// equals x~ @ W^T up to fp32 rounding of the per-group terms.
 
-// One 32-byte chunk -> int16 codes: w[0] = A rows 0-7, w[1] = A rows 8-15, w[2] = B rows 0-7, w[3] = B rows 8-15.
-inline void unpack_q4(const uint8_t* chunk, __m256i (&w)[4]) {
+template <int MR>
+inline void q4_tile_kernel(const int8_t* xq, const float* dx, const float* xs, int64_t K, const uint8_t* q,
+                           const uint16_t* d, const uint16_t* mo, int64_t groups, float* y, int64_t ldy, int valid) {
+    // The fp32 accumulators live in memory, updated once per group: the registers go to the int16 sums (2 per
+    // row), the codes (2) and the x broadcast.
+    alignas(32) float acc_mem[MR][NT];
+    for (int m = 0; m < MR; ++m)
+        for (int i = 0; i < NT; ++i) acc_mem[m][i] = 0.0f;
+    const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    for (int64_t g = 0; g < groups; ++g) {
+        __m256i sum16[MR][2];  // rows 0-7 and 8-15: two int16 lanes per row
+        for (int m = 0; m < MR; ++m) sum16[m][0] = sum16[m][1] = _mm256_setzero_si256();
+        const uint8_t* qg = q + g * (QK / 2) * NT;
+        // Unrolled by 2 only: a full unroll lets GCC reassociate the sums into a tree that spills.
+#pragma GCC unroll 2
+        for (int kq = 0; kq < QK / 4; ++kq) {
+            const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg + kq * 32));
+            const __m256i lo = _mm256_and_si256(b, low4), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);
+            for (int m = 0; m < MR; ++m) {
+                int32_t quad;
+                std::memcpy(&quad, xq + m * K + g * QK + kq * 4, sizeof quad);
+                const __m256i xb = _mm256_set1_epi32(quad);
+                sum16[m][0] = _mm256_add_epi16(sum16[m][0], _mm256_maddubs_epi16(lo, xb));
+                sum16[m][1] = _mm256_add_epi16(sum16[m][1], _mm256_maddubs_epi16(hi, xb));
+            }
+        }
+        const __m256 d0 = scales8(d + g * NT), d1 = scales8(d + g * NT + 8);
+        const __m256 m0 = scales8(mo + g * NT), m1 = scales8(mo + g * NT + 8);
+        for (int m = 0; m < MR; ++m) {
+            const __m256 dm = _mm256_set1_ps(dx[m * groups + g]), sm = _mm256_set1_ps(xs[m * groups + g]);
+            const __m256i i0 = _mm256_madd_epi16(sum16[m][0], ones), i1 = _mm256_madd_epi16(sum16[m][1], ones);
+            __m256 a0 = _mm256_load_ps(acc_mem[m]), a1 = _mm256_load_ps(acc_mem[m] + 8);
+            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_mul_ps(d0, dm), a0);
+            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_mul_ps(d1, dm), a1);
+            _mm256_store_ps(acc_mem[m], _mm256_fmadd_ps(m0, sm, a0));
+            _mm256_store_ps(acc_mem[m] + 8, _mm256_fmadd_ps(m1, sm, a1));
+        }
+        asm volatile("" : : "r"(&acc_mem[0][0]) : "memory");  // keep acc_mem in memory (see above)
+    }
+    for (int m = 0; m < MR; ++m) std::memcpy(y + m * ldy, acc_mem[m], sizeof(float) * valid);
+}
+
+inline void q4_tile_all_rows(const int8_t* xq, const float* dx, const float* xs, int64_t M, int64_t K,
+                             const uint8_t* q, const uint16_t* d, const uint16_t* mo, float* y, int64_t ldy,
+                             int valid) {
+    const int64_t groups = K / QK;
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4)
+        q4_tile_kernel<4>(xq + m * K, dx + m * groups, xs + m * groups, K, q, d, mo, groups, y + m * ldy, ldy, valid);
+    const int64_t left = M - m;
+    xq += m * K, dx += m * groups, xs += m * groups, y += m * ldy;
+    if (left == 3) q4_tile_kernel<3>(xq, dx, xs, K, q, d, mo, groups, y, ldy, valid);
+    if (left == 2) q4_tile_kernel<2>(xq, dx, xs, K, q, d, mo, groups, y, ldy, valid);
+    if (left == 1) q4_tile_kernel<1>(xq, dx, xs, K, q, d, mo, groups, y, ldy, valid);
+}
+
+// ---- q4 with int16 activations (quantization "gguf", the default) ---------------------------------------------
+// x rounded to int16 as in the int8 kernel (2^-16 of the group's largest value), for outputs within fp32
+// rounding of x @ W^T, at about 2/3 of the speed of the int8-activation kernel above ("gguf-a8"). Its own packed layout:
+// two of the int8 layout's 32-byte k-pair units (A = pair 2*j4, B = pair 2*j4+1; bytes 0-15 hold rows 0-7,
+// bytes 16-31 rows 8-15) share one 32-byte chunk of 16 little-endian uint16 words: word L = A[L] | A[16+L] << 4
+// | B[L] << 8 | B[16+L] << 12. So four shifts and masks of one load give the four int16 operands (A rows 0-7,
+// A rows 8-15, B rows 0-7, B rows 8-15) with no shuffle instructions; d and m as above. The group sums are
+// exact in int32 (|sum| <= 32 * 15 * 32767).
+//   q4a16  [T][K/4][32]   uint8
+
+// One 32-byte chunk of the q4a16 layout -> int16 codes: w[0] = A rows 0-7, w[1] = A rows 8-15, w[2] = B rows 0-7,
+// w[3] = B rows 8-15.
+inline void unpack_q4a16(const uint8_t* chunk, __m256i (&w)[4]) {
     const __m256i low4 = _mm256_set1_epi16(0x000F);
     const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk));
     w[0] = _mm256_and_si256(b, low4);
@@ -146,7 +238,7 @@ inline void unpack_q4(const uint8_t* chunk, __m256i (&w)[4]) {
 }
 
 template <int MR>
-inline void q4_tile_kernel(const int16_t* xq, const float* dx, const float* xs, int64_t K, const uint8_t* q,
+inline void q4a16_tile_kernel(const int16_t* xq, const float* dx, const float* xs, int64_t K, const uint8_t* q,
                            const uint16_t* d, const uint16_t* mo, int64_t groups, float* y, int64_t ldy, int valid) {
     // The fp32 accumulators live in memory, updated once per group: the registers go to the int32 sums (2 per
     // row), the codes (4) and the x pairs (2), so 4 rows fit without spills in the inner loop.
@@ -160,7 +252,7 @@ inline void q4_tile_kernel(const int16_t* xq, const float* dx, const float* xs, 
 #pragma GCC unroll 2
         for (int j4 = 0; j4 < QK / 4; ++j4) {
             __m256i w[4];
-            unpack_q4(qg + j4 * 32, w);
+            unpack_q4a16(qg + j4 * 32, w);
             for (int m = 0; m < MR; ++m) {
                 int32_t pairs[2];
                 std::memcpy(pairs, xq + m * K + g * QK + j4 * 4, sizeof pairs);
@@ -186,45 +278,81 @@ inline void q4_tile_kernel(const int16_t* xq, const float* dx, const float* xs, 
     for (int m = 0; m < MR; ++m) std::memcpy(y + m * ldy, acc_mem[m], sizeof(float) * valid);
 }
 
-inline void q4_tile_all_rows(const int16_t* xq, const float* dx, const float* xs, int64_t M, int64_t K,
+inline void q4a16_tile_all_rows(const int16_t* xq, const float* dx, const float* xs, int64_t M, int64_t K,
                              const uint8_t* q, const uint16_t* d, const uint16_t* mo, float* y, int64_t ldy,
                              int valid) {
     const int64_t groups = K / QK;
     int64_t m = 0;
     for (; m + 4 <= M; m += 4)
-        q4_tile_kernel<4>(xq + m * K, dx + m * groups, xs + m * groups, K, q, d, mo, groups, y + m * ldy, ldy, valid);
+        q4a16_tile_kernel<4>(xq + m * K, dx + m * groups, xs + m * groups, K, q, d, mo, groups, y + m * ldy, ldy, valid);
     const int64_t left = M - m;
     xq += m * K, dx += m * groups, xs += m * groups, y += m * ldy;
-    if (left == 3) q4_tile_kernel<3>(xq, dx, xs, K, q, d, mo, groups, y, ldy, valid);
-    if (left == 2) q4_tile_kernel<2>(xq, dx, xs, K, q, d, mo, groups, y, ldy, valid);
-    if (left == 1) q4_tile_kernel<1>(xq, dx, xs, K, q, d, mo, groups, y, ldy, valid);
+    if (left == 3) q4a16_tile_kernel<3>(xq, dx, xs, K, q, d, mo, groups, y, ldy, valid);
+    if (left == 2) q4a16_tile_kernel<2>(xq, dx, xs, K, q, d, mo, groups, y, ldy, valid);
+    if (left == 1) q4a16_tile_kernel<1>(xq, dx, xs, K, q, d, mo, groups, y, ldy, valid);
 }
 
 // Per-thread buffers of the rounded activations, grown on demand.
 constexpr int64_t PARALLEL_QUANTIZE_ROWS = 32;  // rows from which q4_linear quantizes x on every thread
 
 struct QuantizedRows {
-    std::vector<int16_t> xq;
+    std::vector<int16_t> xq16;  // int8 and q4a16 kernels: x rounded to int16
+    std::vector<int8_t> xq8;    // q4 kernel: x rounded to int8
+    // dx: the scale of each row and group; xs: dx times the group sum of the codes (q4 kernels only)
     std::vector<float> dx, xs;
-    void resize(int64_t M, int64_t K) {
-        xq.resize(M * K);
+    void resize(int64_t M, int64_t K, bool int8_codes) {
+        (int8_codes ? xq8.resize(M * K) : xq16.resize(M * K));
         dx.resize(M * (K / QK));
         xs.resize(M * (K / QK));
     }
-    // Rows [m0, m1) of x; resize(M, K) first.
-    void quantize(const float* x, int64_t m0, int64_t m1, int64_t K, int64_t ldx, bool sums) {
+    // Rows [m0, m1) of x to int8 or int16 codes, with their group sums (times dx) if asked; resize first.
+    void quantize(const float* x, int64_t m0, int64_t m1, int64_t K, int64_t ldx, bool int8_codes, bool sums) {
         const int64_t groups = K / QK;
         for (int64_t m = m0; m < m1; ++m) {
-            quantize_row(x + m * ldx, K, xq.data() + m * K, dx.data() + m * groups);
+            if (int8_codes)
+                quantize_row_i8(x + m * ldx, K, xq8.data() + m * K, dx.data() + m * groups);
+            else
+                quantize_row(x + m * ldx, K, xq16.data() + m * K, dx.data() + m * groups);
             if (!sums) continue;
             for (int64_t g = 0; g < groups; ++g) {
                 int32_t s = 0;
-                for (int j = 0; j < QK; ++j) s += xq[m * K + g * QK + j];
+                for (int j = 0; j < QK; ++j) s += int8_codes ? xq8[m * K + g * QK + j] : xq16[m * K + g * QK + j];
                 xs[m * groups + g] = dx[m * groups + g] * static_cast<float>(s);
             }
         }
     }
 };
+
+// y[M, N] = x[M, K] @ dequant(W)^T, W in the q4 layout (int8 activations) or the q4a16 one (int16).
+template <bool INT8_X>
+void q4_linear_impl(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* q, const uint16_t* d,
+                    const uint16_t* mo, int64_t N, float* y, int64_t ldy, int threads) {
+    const int64_t tiles = (N + NT - 1) / NT, groups = K / QK;
+    static thread_local QuantizedRows rows_of_caller;
+    QuantizedRows* rows = &rows_of_caller;  // the caller's buffers, shared by the threads below
+    rows->resize(M, K, INT8_X);
+    const float *dxp = rows->dx.data(), *xsp = rows->xs.data();
+    // Few rows: quantized by the calling thread. Many (prefill): by all threads, a slice each, before the tiles.
+    const bool split_rows = M >= PARALLEL_QUANTIZE_ROWS;
+    if (!split_rows) rows->quantize(x, 0, M, K, ldx, INT8_X, true);
+#pragma omp parallel num_threads(threads)
+    {
+        if (split_rows) {
+            const int64_t n = omp_get_num_threads(), i = omp_get_thread_num();
+            rows->quantize(x, M * i / n, M * (i + 1) / n, K, ldx, INT8_X, true);
+#pragma omp barrier
+        }
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles; ++t) {
+            const uint8_t* qt = q + t * (K / 2) * NT;
+            const uint16_t *dt = d + t * groups * NT, *mt = mo + t * groups * NT;
+            if constexpr (INT8_X)
+                q4_tile_all_rows(rows->xq8.data(), dxp, xsp, M, K, qt, dt, mt, y + t * NT, ldy, tile_rows(N, t));
+            else
+                q4a16_tile_all_rows(rows->xq16.data(), dxp, xsp, M, K, qt, dt, mt, y + t * NT, ldy, tile_rows(N, t));
+        }
+    }
+}
 
 }  // namespace
 
@@ -235,39 +363,23 @@ void int8_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t
                  int64_t N, float* y, int64_t ldy, int threads) {
     const int64_t tiles = (N + NT - 1) / NT, groups = K / QK;
     static thread_local QuantizedRows rows;  // per calling thread: callers may run concurrently
-    rows.resize(M, K);
-    rows.quantize(x, 0, M, K, ldx, false);
-    const int16_t* xqp = rows.xq.data();
+    rows.resize(M, K, false);
+    rows.quantize(x, 0, M, K, ldx, false, false);
+    const int16_t* xqp = rows.xq16.data();
     const float* dxp = rows.dx.data();
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < tiles; ++t)
         tile_all_rows(xqp, dxp, M, K, qweight + t * K * NT, scales + t * groups * NT, y + t * NT, ldy, tile_rows(N, t));
 }
 
-// y[M, N] = x[M, K] @ dequant(W)^T, W in the q4 layout.
 void q4_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* q, const uint16_t* d,
                const uint16_t* mo, int64_t N, float* y, int64_t ldy, int threads) {
-    const int64_t tiles = (N + NT - 1) / NT, groups = K / QK;
-    static thread_local QuantizedRows rows_of_caller;
-    QuantizedRows* rows = &rows_of_caller;  // the caller's buffers, shared by the threads below
-    rows->resize(M, K);
-    const int16_t* xqp = rows->xq.data();
-    const float *dxp = rows->dx.data(), *xsp = rows->xs.data();
-    // Few rows: quantized by the calling thread. Many (prefill): by all threads, a slice each, before the tiles.
-    const bool split_rows = M >= PARALLEL_QUANTIZE_ROWS;
-    if (!split_rows) rows->quantize(x, 0, M, K, ldx, true);
-#pragma omp parallel num_threads(threads)
-    {
-        if (split_rows) {
-            const int64_t n = omp_get_num_threads(), i = omp_get_thread_num();
-            rows->quantize(x, M * i / n, M * (i + 1) / n, K, ldx, true);
-#pragma omp barrier
-        }
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < tiles; ++t)
-            q4_tile_all_rows(xqp, dxp, xsp, M, K, q + t * (K / 2) * NT, d + t * groups * NT, mo + t * groups * NT,
-                             y + t * NT, ldy, tile_rows(N, t));
-    }
+    q4_linear_impl<true>(x, M, K, ldx, q, d, mo, N, y, ldy, threads);
+}
+
+void q4a16_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* q, const uint16_t* d,
+                  const uint16_t* mo, int64_t N, float* y, int64_t ldy, int threads) {
+    q4_linear_impl<false>(x, M, K, ldx, q, d, mo, N, y, ldy, threads);
 }
 
 // out[K, T * 16] = dequant(W)^T, row-major fp32 (pad rows of W give zero columns): for large M, where a float

@@ -4,15 +4,17 @@ layers (and LM head) for them. Two weight formats, both in groups of 32 along K:
 - int8 (Int8Linear): Q8_0-style symmetric int8 with an fp16 scale. `quantization="int8"` requantizes every
   linear layer to it; a GGUF Q8_0 tensor converts to it exactly.
 - q4 (Q4Linear): Q4_1's 4-bit codes with an fp16 scale and offset (w = d * c + m). Built only from a GGUF
-  file's own Q4_1 blocks (`quantization="gguf"`), so the weights are exactly the checkpoint's.
+  file's own Q4_1 blocks (`quantization="gguf"` or `"gguf-a8"`), so the weights are exactly the checkpoint's.
 
 Small batches (decode) run the AVX2 kernels of pagoda/kernels/quant_linear.cpp, which read each weight byte
 once per call whatever the batch, so a decode step moves a quarter (int8) or a sixth (q4) of the fp32 weight
-bytes. To multiply exactly in integers they round x to int16 per group of 32 inside the call: at most half a
-step of max|x_group| / 32767 per element, about 2e-5 relative on the model's shapes. Large batches (prefill)
-are compute-bound: for int8 layers above 64 rows the weight is dequantized to fp32 for the call and torch's
-GEMM runs; the q4 kernel beats that at every size (BENCHMARKS.md), so it always runs. Both paths compute
-x @ dequantize(W)^T up to that rounding.
+bytes. To multiply exactly in integers they round x per group of 32 inside the call: to int16 by default (at
+most half a step of max|x_group| / 32767 per element, about 2e-5 relative on the model's shapes), or to int8
+with "gguf-a8" (half a step of max|x_group| / 127, as llama.cpp does: the 4-bit codes times int8 x take half
+the instructions, so the q4 kernel runs ~1.5x faster, but greedy outputs drift from fp32's; BENCHMARKS.md). Large
+batches (prefill) are compute-bound: for int8 layers above 64 rows the weight is dequantized to fp32 for the
+call and torch's GEMM runs; the q4 kernels beat that at every size (BENCHMARKS.md), so they always run. Every
+path computes x @ dequantize(W)^T up to its rounding of x.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ logger = logging.getLogger("pagoda")
 GROUP = 32  # weights per scale along K (Q8_0's block)
 TILE = 16  # output rows per packed tile: the kernels' layout unit (see quant_linear.cpp)
 INT8_KERNEL_MAX_ROWS = 64  # above this many input rows the fp32 GEMM on a dequantized int8 weight is faster
-QUANTIZATIONS = ("int8", "gguf")
+QUANTIZATIONS = ("int8", "gguf", "gguf-a8")
+Q4_ACTIVATIONS = {"gguf": "int16", "gguf-a8": "int8"}  # how each GGUF method rounds x for the q4 kernel
 
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,11 +78,38 @@ def pack(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 def unpack(qt: torch.Tensor, st: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The inverse of pack: tiles -> row-major (q [N, K'], scales [N, K'/32])."""
     k = qt.shape[1] * 2
-    return (qt.transpose(1, 2).reshape(-1, k)[:n], st.transpose(1, 2).reshape(-1, st.shape[1])[:n])
+    return qt.transpose(1, 2).reshape(-1, k)[:n], untile_scales(st, n)
+
+
+def untile_scales(st: torch.Tensor, n: int) -> torch.Tensor:
+    """Per-group values in tiles [T, K'/32, 16] -> row-major [N, K'/32]."""
+    return st.transpose(1, 2).reshape(-1, st.shape[1])[:n]
 
 
 def pack_q4(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Row-major Q4_1 values (codes uint8 [N, K] in [0, 15], d and m fp16 [N, K/32]) -> the q4 kernel's tiles:
+    codes [T, K/4, 32] uint8 (chunk (t, kq), byte 4 * r + i: the code of row 16 t + r, column 4 kq + i in the low
+    nibble, that of row 16 t + 8 + r in the high one), d and m [T, K/32, 16]; pad rows are zero."""
+    n, k = codes.shape
+    if k % GROUP:
+        raise ValueError(f"q4 weights need K divisible by {GROUP}, got {k}")
+    _, d_tiles = pack(codes.view(torch.int8), d.view(torch.int16))
+    _, m_tiles = pack(codes.view(torch.int8), m.view(torch.int16))
+    c = F.pad(codes, (0, 0, 0, -n % TILE)).view(-1, 2, TILE // 2, k // 4, 4)  # [T, half, r, kq, i]
+    chunks = c[:, 0] | (c[:, 1] << 4)  # [T, r, kq, i]
+    return chunks.permute(0, 2, 1, 3).contiguous().view(-1, k // 4, 32), d_tiles, m_tiles
+
+
+def unpack_q4_codes(qweight: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of pack_q4's chunking: [T, K/4, 32] uint8 -> codes [N, K] uint8."""
+    t, kq, _ = qweight.shape
+    b = qweight.view(t, kq, TILE // 2, 4).permute(0, 2, 1, 3)  # [T, r, kq, i]
+    codes = torch.stack((b & 0x0F, b >> 4), dim=1)  # [T, half, r, kq, i]
+    return codes.reshape(t * TILE, kq * 4)[:n]
+
+
+def pack_q4a16(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Row-major Q4_1 values (codes uint8 [N, K] in [0, 15], d and m fp16 [N, K/32]) -> the q4a16 kernel's tiles:
     codes [T, K/4, 32] uint8 (two of the int8 layout's 32-byte k-pair units A, B per chunk of 16 uint16 words,
     word L = A[L] | A[16+L] << 4 | B[L] << 8 | B[16+L] << 12), d and m [T, K/32, 16]; pad rows are zero."""
     n, k = codes.shape
@@ -92,8 +122,8 @@ def pack_q4(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> tuple[torc
     return words.to(torch.int16).contiguous().view(torch.uint8), d_tiles, m_tiles
 
 
-def unpack_q4_units(qweight: torch.Tensor) -> torch.Tensor:
-    """The inverse of pack_q4's chunking: [T, K/4, 32] uint8 -> the int8 layout's units [T, K/2, 16, 2]."""
+def unpack_q4a16_units(qweight: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_q4a16's chunking: [T, K/4, 32] uint8 -> the int8 layout's units [T, K/2, 16, 2]."""
     words = qweight.view(torch.int16).to(torch.int32) & 0xFFFF  # [T, K/4, 16]
     a = torch.cat((words & 0xF, (words >> 4) & 0xF), dim=-1)
     b = torch.cat(((words >> 8) & 0xF, (words >> 12) & 0xF), dim=-1)
@@ -130,6 +160,7 @@ def _kernel() -> ctypes.CDLL | None:
             "int8_linear": [_P, _I64, _I64, _I64, _P, _P, _I64, _P, _I64, ctypes.c_int],
             "int8_dequantize_t": [_P, _P, _I64, _I64, _P, ctypes.c_int],
             "q4_linear": [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _P, _I64, ctypes.c_int],
+            "q4a16_linear": [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _P, _I64, ctypes.c_int],
         }
         for name, argtypes in signatures.items():
             fn = getattr(lib, name)
@@ -247,14 +278,19 @@ class Int8Linear(QuantizedLinear):
 class Q4Linear(QuantizedLinear):
     """W given as Q4_1 values: codes [N, K] in [0, 15], fp16 d and m per group of 32 (w = d * c + m). The kernel
     runs at every batch size: on this machine it beats torch's fp32 GEMM even on a pre-dequantized weight, at
-    1 to 512 rows (BENCHMARKS.md)."""
+    1 to 512 rows (BENCHMARKS.md). `activations`: "int16" rounds x to int16 per group inside the kernel (outputs
+    within fp32 rounding of x @ W^T), "int8" to int8 (as llama.cpp does; ~1.5x the speed, less accurate)."""
 
-    kind = 2
     k_per_packed_row = 4  # qweight [T, K/4, 32]
 
-    def __init__(self, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bias: torch.Tensor | None = None,
+                 activations: str = "int16"):
         super().__init__(*codes.shape, bias)
-        qt, dt, mt = pack_q4(codes, d, m)
+        if activations not in ("int8", "int16"):
+            raise ValueError(f"q4 activations must be int8 or int16, got {activations!r}")
+        self.activations = activations
+        self.kind = 2 if activations == "int8" else 3
+        qt, dt, mt = (pack_q4 if activations == "int8" else pack_q4a16)(codes, d, m)
         self.register_buffer("qweight", qt)  # [T, K/4, 32] uint8
         self.register_buffer("scales", dt)  # [T, K/32, 16] fp16 bits
         self.register_buffer("offsets", mt)  # [T, K/32, 16] fp16 bits
@@ -266,18 +302,21 @@ class Q4Linear(QuantizedLinear):
     def run_kernel(self, lib: ctypes.CDLL, rows: torch.Tensor, y: torch.Tensor) -> None:
         q, d, mo = self.weight_pointers
         m, k = rows.shape
-        lib.q4_linear(rows.data_ptr(), m, k, k, q, d, mo, self.out_features, y.data_ptr(), self.out_features,
-                      torch.get_num_threads())
+        fn = lib.q4_linear if self.activations == "int8" else lib.q4a16_linear
+        fn(rows.data_ptr(), m, k, k, q, d, mo, self.out_features, y.data_ptr(), self.out_features,
+           torch.get_num_threads())
 
     def weight_fp32_t(self) -> torch.Tensor:
         # Only the torch fallback (no compiler) and the tests need this: the kernel runs at every batch size.
-        k = self.padded_in_features
-        units = unpack_q4_units(self.qweight)
-        codes, d = unpack(units, self.scales, self.out_features)
-        _, m = unpack(units, self.offsets, self.out_features)
-        w = codes.view(torch.uint8).float().view(self.out_features, -1, GROUP)
+        k, n = self.padded_in_features, self.out_features
+        if self.activations == "int8":
+            codes = unpack_q4_codes(self.qweight, n)
+        else:
+            codes = unpack(unpack_q4a16_units(self.qweight), self.scales, n)[0].view(torch.uint8)
+        d, m = untile_scales(self.scales, n), untile_scales(self.offsets, n)
+        w = codes.float().view(n, -1, GROUP)
         w = w * d.view(torch.float16).float().unsqueeze(-1) + m.view(torch.float16).float().unsqueeze(-1)
-        return w.view(self.out_features, k).t()
+        return w.view(n, k).t()
 
 
 def resolve_quantization(method: str | None, device: torch.device, dtype: torch.dtype, is_gguf: bool) -> str | None:
@@ -309,14 +348,14 @@ def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name), leaf, module)
 
 
-def _gguf_linear(module: Linear, shards: list[tuple[str, np.ndarray]]) -> QuantizedLinear | None:
+def _gguf_linear(module: Linear, shards: list[tuple[str, np.ndarray]], activations: str) -> QuantizedLinear | None:
     """The quantized layer holding exactly the checkpoint's blocks for `module` (shards concatenated along
     N), or None when the shards are not all of one type the kernels take (Q4_1, Q8_0)."""
     kinds = {kind for kind, _ in shards}
     if kinds == {"Q4_1"}:
         values = [q4_1_codes(blocks, blocks.shape[0], module.in_features) for _, blocks in shards]
         codes, d, m = (torch.cat(parts) for parts in zip(*values))
-        return Q4Linear(codes, d, m, module.bias)
+        return Q4Linear(codes, d, m, module.bias, activations)
     if kinds == {"Q8_0"}:  # requantizing the exact Q8_0 values gives back the same codes and scales
         return Int8Linear.from_linear(module)
     return None
@@ -328,15 +367,16 @@ def quantize_model(model: nn.Module, method: str,
     quantized copy: the embedding table stays for lookups), for quantized ones. Returns the model, changed in
     place.
 
-    "int8": every layer, requantized. "gguf": each layer whose checkpoint tensors are Q4_1 or Q8_0, with
-    exactly those values; `raw_weights` gives the checkpoint's (HF name, GGML type name, row-major blocks
+    "int8": every layer, requantized. "gguf" / "gguf-a8": each layer whose checkpoint tensors are Q4_1 or Q8_0,
+    with exactly those values (Q4_1 layers rounding x to int16 / int8); `raw_weights` gives the checkpoint's (HF name, GGML type name, row-major blocks
     [N, bytes per row]) with llama.cpp's row permutations already undone. Other layers stay in fp32."""
     check_quantization(method, next(model.parameters()).device)
     from pagoda.models.llama import STACKED_PARAMS
 
-    if method == "gguf":
+    if method in Q4_ACTIVATIONS:
         if raw_weights is None:
-            raise ValueError("quantization 'gguf' needs a GGUF checkpoint (its quantized blocks are used as they are)")
+            raise ValueError(f"quantization {method!r} needs a GGUF checkpoint (its quantized blocks are used as they "
+                             "are)")
         raw = {name: (kind, blocks) for name, kind, blocks in raw_weights}
         fused_parts = {}  # fused module leaf -> HF leaves in shard order
         for part, (fused, index) in STACKED_PARAMS.items():
@@ -346,7 +386,7 @@ def quantize_model(model: nn.Module, method: str,
             parts = fused_parts.get(leaf, {0: leaf})
             names = [f"{parent}.{parts[i]}.weight".lstrip(".") for i in sorted(parts)]
             if all(n in raw for n in names):
-                layer = _gguf_linear(module, [raw[n] for n in names])
+                layer = _gguf_linear(module, [raw[n] for n in names], Q4_ACTIVATIONS[method])
                 if layer is not None:
                     _swap(model, name, layer)
         tied = getattr(model, "lm_head", False) is None
