@@ -124,3 +124,33 @@ def test_invalid_params_name_the_field(kwargs, param):
     with pytest.raises(SamplingParamsError) as info:
         SamplingParams(**kwargs)
     assert info.value.param == param
+
+
+def reference_top_k_top_p(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """The definition, by sorting every row: top-k first, then the smallest prefix reaching top_p of the rest."""
+    out = torch.zeros_like(probs)
+    for i in range(probs.shape[0]):
+        values, order = probs[i].sort(descending=True)
+        values = values * (torch.arange(len(values)) < top_k[i])
+        before = values.cumsum(0) - values
+        out[i, order] = values * (before < top_p[i] * values.sum())
+    return out
+
+
+def test_top_k_top_p_over_a_large_vocabulary_equals_sorting_every_row():
+    """Candidates first, a full sort only where the nucleus is wider (flat rows): the same support and values."""
+    from pagoda.worker.sampler import TOP_CANDIDATES
+
+    gen = torch.Generator().manual_seed(3)
+    vocab = 5000
+    peaked = torch.softmax(torch.randn(4, vocab, generator=gen) * 4, -1)
+    flat = torch.softmax(torch.randn(4, vocab, generator=gen) * 0.1, -1)
+    probs = torch.cat([peaked, flat])
+    top_k = torch.tensor([vocab, 40, 600, vocab, vocab, 3, vocab, vocab])
+    top_p = torch.tensor([0.9, 1.0, 0.95, 1.0, 0.9, 0.5, 1.0, 0.2])
+    got = Sampler._top_k_top_p(probs, top_k, top_p)
+    active = [0, 1, 2, 4, 5, 7]
+    assert torch.equal(got[active], reference_top_k_top_p(probs, top_k, top_p)[active])
+    assert torch.equal(got[3], probs[3]) and torch.equal(got[6], probs[6]), "rows without top-k/top-p are kept"
+    assert (got[4] > 0).sum() > TOP_CANDIDATES, "a flat row's nucleus is wider than the candidates"
+    assert (got[1] > 0).sum() == 40 and (got[5] > 0).sum() <= 3
