@@ -45,18 +45,25 @@ inline float hmax(__m256 v) {
     return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
 }
 
+// Loads group g of x row into v and returns the group's scale, max|x_group| / qmax (codes in [-qmax, qmax]),
+// with the reciprocal the codes are rounded with (0 for an all-zero group).
+inline float load_group(const float* x, int64_t g, float qmax, __m256 (&v)[4], __m256& inv) {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 amax = _mm256_setzero_ps();
+    for (int j = 0; j < 4; ++j) {
+        v[j] = _mm256_loadu_ps(x + g * QK + j * 8);
+        amax = _mm256_max_ps(amax, _mm256_and_ps(v[j], abs_mask));
+    }
+    const float scale = hmax(amax) / qmax;
+    inv = _mm256_set1_ps(scale > 0 ? 1.0f / scale : 0.0f);
+    return scale;
+}
+
 // x row [K] fp32 -> q [K] int16 and d [K/32] fp32 with x ~= q * d per group.
 inline void quantize_row(const float* x, int64_t K, int16_t* q, float* d) {
-    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     for (int64_t g = 0; g < K / QK; ++g) {
-        __m256 v[4], amax = _mm256_setzero_ps();
-        for (int j = 0; j < 4; ++j) {
-            v[j] = _mm256_loadu_ps(x + g * QK + j * 8);
-            amax = _mm256_max_ps(amax, _mm256_and_ps(v[j], abs_mask));
-        }
-        const float scale = hmax(amax) / 32767.0f;
-        d[g] = scale;
-        const __m256 inv = _mm256_set1_ps(scale > 0 ? 1.0f / scale : 0.0f);
+        __m256 v[4], inv;
+        d[g] = load_group(x, g, 32767.0f, v, inv);
         for (int j = 0; j < 4; j += 2) {  // packs interleaves 128-bit lanes; the permute restores the order
             const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));
             const __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(v[j + 1], inv));
@@ -68,17 +75,10 @@ inline void quantize_row(const float* x, int64_t K, int16_t* q, float* d) {
 
 // x row [K] fp32 -> q [K] int8 in [-127, 127] and d [K/32] fp32 with x ~= q * d per group (the q4 kernel's x).
 inline void quantize_row_i8(const float* x, int64_t K, int8_t* q, float* d) {
-    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the packs' 128-bit interleave
     for (int64_t g = 0; g < K / QK; ++g) {
-        __m256 v[4], amax = _mm256_setzero_ps();
-        for (int j = 0; j < 4; ++j) {
-            v[j] = _mm256_loadu_ps(x + g * QK + j * 8);
-            amax = _mm256_max_ps(amax, _mm256_and_ps(v[j], abs_mask));
-        }
-        const float scale = hmax(amax) / 127.0f;
-        d[g] = scale;
-        const __m256 inv = _mm256_set1_ps(scale > 0 ? 1.0f / scale : 0.0f);
+        __m256 v[4], inv;
+        d[g] = load_group(x, g, 127.0f, v, inv);
         __m256i i32[4];
         for (int j = 0; j < 4; ++j) i32[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));
         const __m256i i8 = _mm256_packs_epi16(_mm256_packs_epi32(i32[0], i32[1]), _mm256_packs_epi32(i32[2], i32[3]));
@@ -160,60 +160,30 @@ inline int tile_rows(int64_t N, int64_t t) { return static_cast<int>(N - t * NT 
 // sum is exact in integers, the second is xs = dx * sum(xq), one per row and group, precomputed. So the result
 // equals x~ @ W^T up to fp32 rounding of the per-group terms.
 
+// The exact int32 sums of group g's code * x products for MR rows of x (int8): isum[m][0] for the tile's rows
+// 0-7, isum[m][1] for rows 8-15. qg: the group's chunks.
 template <int MR>
-inline void q4_tile_kernel(const int8_t* xq, const float* dx, const float* xs, int64_t K, const uint8_t* q,
-                           const uint16_t* d, const uint16_t* mo, int64_t groups, float* y, int64_t ldy, int valid) {
-    // The fp32 accumulators live in memory, updated once per group: the registers go to the int16 sums (2 per
-    // row), the codes (2) and the x broadcast.
-    alignas(32) float acc_mem[MR][NT];
-    for (int m = 0; m < MR; ++m)
-        for (int i = 0; i < NT; ++i) acc_mem[m][i] = 0.0f;
+inline void q4_group_sums(const int8_t* xq, int64_t K, const uint8_t* qg, int64_t g, __m256i (&isum)[MR][2]) {
     const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-    for (int64_t g = 0; g < groups; ++g) {
-        __m256i sum16[MR][2];  // rows 0-7 and 8-15: two int16 lanes per row
-        for (int m = 0; m < MR; ++m) sum16[m][0] = sum16[m][1] = _mm256_setzero_si256();
-        const uint8_t* qg = q + g * (QK / 2) * NT;
-        // Unrolled by 2 only: a full unroll lets GCC reassociate the sums into a tree that spills.
+    __m256i sum16[MR][2];  // two int16 lanes per row
+    for (int m = 0; m < MR; ++m) sum16[m][0] = sum16[m][1] = _mm256_setzero_si256();
+    // Unrolled by 2 only: a full unroll lets GCC reassociate the sums into a tree that spills.
 #pragma GCC unroll 2
-        for (int kq = 0; kq < QK / 4; ++kq) {
-            const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg + kq * 32));
-            const __m256i lo = _mm256_and_si256(b, low4), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);
-            for (int m = 0; m < MR; ++m) {
-                int32_t quad;
-                std::memcpy(&quad, xq + m * K + g * QK + kq * 4, sizeof quad);
-                const __m256i xb = _mm256_set1_epi32(quad);
-                sum16[m][0] = _mm256_add_epi16(sum16[m][0], _mm256_maddubs_epi16(lo, xb));
-                sum16[m][1] = _mm256_add_epi16(sum16[m][1], _mm256_maddubs_epi16(hi, xb));
-            }
-        }
-        const __m256 d0 = scales8(d + g * NT), d1 = scales8(d + g * NT + 8);
-        const __m256 m0 = scales8(mo + g * NT), m1 = scales8(mo + g * NT + 8);
+    for (int kq = 0; kq < QK / 4; ++kq) {
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg + kq * 32));
+        const __m256i lo = _mm256_and_si256(b, low4), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);
         for (int m = 0; m < MR; ++m) {
-            const __m256 dm = _mm256_set1_ps(dx[m * groups + g]), sm = _mm256_set1_ps(xs[m * groups + g]);
-            const __m256i i0 = _mm256_madd_epi16(sum16[m][0], ones), i1 = _mm256_madd_epi16(sum16[m][1], ones);
-            __m256 a0 = _mm256_load_ps(acc_mem[m]), a1 = _mm256_load_ps(acc_mem[m] + 8);
-            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_mul_ps(d0, dm), a0);
-            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_mul_ps(d1, dm), a1);
-            _mm256_store_ps(acc_mem[m], _mm256_fmadd_ps(m0, sm, a0));
-            _mm256_store_ps(acc_mem[m] + 8, _mm256_fmadd_ps(m1, sm, a1));
+            int32_t quad;
+            std::memcpy(&quad, xq + m * K + g * QK + kq * 4, sizeof quad);
+            const __m256i xb = _mm256_set1_epi32(quad);
+            sum16[m][0] = _mm256_add_epi16(sum16[m][0], _mm256_maddubs_epi16(lo, xb));
+            sum16[m][1] = _mm256_add_epi16(sum16[m][1], _mm256_maddubs_epi16(hi, xb));
         }
-        asm volatile("" : : "r"(&acc_mem[0][0]) : "memory");  // keep acc_mem in memory (see above)
     }
-    for (int m = 0; m < MR; ++m) std::memcpy(y + m * ldy, acc_mem[m], sizeof(float) * valid);
-}
-
-inline void q4_tile_all_rows(const int8_t* xq, const float* dx, const float* xs, int64_t M, int64_t K,
-                             const uint8_t* q, const uint16_t* d, const uint16_t* mo, float* y, int64_t ldy,
-                             int valid) {
-    const int64_t groups = K / QK;
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4)
-        q4_tile_kernel<4>(xq + m * K, dx + m * groups, xs + m * groups, K, q, d, mo, groups, y + m * ldy, ldy, valid);
-    const int64_t left = M - m;
-    xq += m * K, dx += m * groups, xs += m * groups, y += m * ldy;
-    if (left == 3) q4_tile_kernel<3>(xq, dx, xs, K, q, d, mo, groups, y, ldy, valid);
-    if (left == 2) q4_tile_kernel<2>(xq, dx, xs, K, q, d, mo, groups, y, ldy, valid);
-    if (left == 1) q4_tile_kernel<1>(xq, dx, xs, K, q, d, mo, groups, y, ldy, valid);
+    for (int m = 0; m < MR; ++m) {
+        isum[m][0] = _mm256_madd_epi16(sum16[m][0], ones);
+        isum[m][1] = _mm256_madd_epi16(sum16[m][1], ones);
+    }
 }
 
 // ---- q4 with int16 activations (quantization "gguf", the default) ---------------------------------------------
@@ -237,32 +207,40 @@ inline void unpack_q4a16(const uint8_t* chunk, __m256i (&w)[4]) {
     w[3] = _mm256_srli_epi16(b, 12);
 }
 
+// The same sums for int16 x over the q4a16 layout.
 template <int MR>
-inline void q4a16_tile_kernel(const int16_t* xq, const float* dx, const float* xs, int64_t K, const uint8_t* q,
+inline void q4_group_sums(const int16_t* xq, int64_t K, const uint8_t* qg, int64_t g, __m256i (&isum)[MR][2]) {
+    for (int m = 0; m < MR; ++m) isum[m][0] = isum[m][1] = _mm256_setzero_si256();
+#pragma GCC unroll 2
+    for (int j4 = 0; j4 < QK / 4; ++j4) {
+        __m256i w[4];
+        unpack_q4a16(qg + j4 * 32, w);
+        for (int m = 0; m < MR; ++m) {
+            int32_t pairs[2];
+            std::memcpy(pairs, xq + m * K + g * QK + j4 * 4, sizeof pairs);
+            const __m256i xa = _mm256_set1_epi32(pairs[0]), xb = _mm256_set1_epi32(pairs[1]);
+            isum[m][0] = _mm256_add_epi32(isum[m][0],
+                                          _mm256_add_epi32(_mm256_madd_epi16(w[0], xa), _mm256_madd_epi16(w[2], xb)));
+            isum[m][1] = _mm256_add_epi32(isum[m][1],
+                                          _mm256_add_epi32(_mm256_madd_epi16(w[1], xa), _mm256_madd_epi16(w[3], xb)));
+        }
+    }
+}
+
+// ---- both q4 kernels -----------------------------------------------------------------------------------------
+
+// One tile (16 output rows) for MR rows of x (int8 or int16 codes, with their scales dx and scaled sums xs).
+template <int MR, typename X>
+inline void q4_tile_kernel(const X* xq, const float* dx, const float* xs, int64_t K, const uint8_t* q,
                            const uint16_t* d, const uint16_t* mo, int64_t groups, float* y, int64_t ldy, int valid) {
-    // The fp32 accumulators live in memory, updated once per group: the registers go to the int32 sums (2 per
-    // row), the codes (4) and the x pairs (2), so 4 rows fit without spills in the inner loop.
+    // The fp32 accumulators live in memory, updated once per group: the registers go to the integer sums (2 per
+    // row), the codes and the x broadcasts, so 4 rows fit without spills in the inner loop.
     alignas(32) float acc_mem[MR][NT];
     for (int m = 0; m < MR; ++m)
         for (int i = 0; i < NT; ++i) acc_mem[m][i] = 0.0f;
     for (int64_t g = 0; g < groups; ++g) {
         __m256i isum[MR][2];
-        for (int m = 0; m < MR; ++m) isum[m][0] = isum[m][1] = _mm256_setzero_si256();
-        const uint8_t* qg = q + g * (QK / 2) * NT;
-#pragma GCC unroll 2
-        for (int j4 = 0; j4 < QK / 4; ++j4) {
-            __m256i w[4];
-            unpack_q4a16(qg + j4 * 32, w);
-            for (int m = 0; m < MR; ++m) {
-                int32_t pairs[2];
-                std::memcpy(pairs, xq + m * K + g * QK + j4 * 4, sizeof pairs);
-                const __m256i xa = _mm256_set1_epi32(pairs[0]), xb = _mm256_set1_epi32(pairs[1]);
-                isum[m][0] = _mm256_add_epi32(isum[m][0],
-                                              _mm256_add_epi32(_mm256_madd_epi16(w[0], xa), _mm256_madd_epi16(w[2], xb)));
-                isum[m][1] = _mm256_add_epi32(isum[m][1],
-                                              _mm256_add_epi32(_mm256_madd_epi16(w[1], xa), _mm256_madd_epi16(w[3], xb)));
-            }
-        }
+        q4_group_sums<MR>(xq, K, q + g * (QK / 2) * NT, g, isum);
         const __m256 d0 = scales8(d + g * NT), d1 = scales8(d + g * NT + 8);
         const __m256 m0 = scales8(mo + g * NT), m1 = scales8(mo + g * NT + 8);
         for (int m = 0; m < MR; ++m) {
@@ -278,18 +256,18 @@ inline void q4a16_tile_kernel(const int16_t* xq, const float* dx, const float* x
     for (int m = 0; m < MR; ++m) std::memcpy(y + m * ldy, acc_mem[m], sizeof(float) * valid);
 }
 
-inline void q4a16_tile_all_rows(const int16_t* xq, const float* dx, const float* xs, int64_t M, int64_t K,
-                             const uint8_t* q, const uint16_t* d, const uint16_t* mo, float* y, int64_t ldy,
-                             int valid) {
+template <typename X>
+inline void q4_tile_all_rows(const X* xq, const float* dx, const float* xs, int64_t M, int64_t K, const uint8_t* q,
+                             const uint16_t* d, const uint16_t* mo, float* y, int64_t ldy, int valid) {
     const int64_t groups = K / QK;
     int64_t m = 0;
     for (; m + 4 <= M; m += 4)
-        q4a16_tile_kernel<4>(xq + m * K, dx + m * groups, xs + m * groups, K, q, d, mo, groups, y + m * ldy, ldy, valid);
+        q4_tile_kernel<4>(xq + m * K, dx + m * groups, xs + m * groups, K, q, d, mo, groups, y + m * ldy, ldy, valid);
     const int64_t left = M - m;
     xq += m * K, dx += m * groups, xs += m * groups, y += m * ldy;
-    if (left == 3) q4a16_tile_kernel<3>(xq, dx, xs, K, q, d, mo, groups, y, ldy, valid);
-    if (left == 2) q4a16_tile_kernel<2>(xq, dx, xs, K, q, d, mo, groups, y, ldy, valid);
-    if (left == 1) q4a16_tile_kernel<1>(xq, dx, xs, K, q, d, mo, groups, y, ldy, valid);
+    if (left == 3) q4_tile_kernel<3>(xq, dx, xs, K, q, d, mo, groups, y, ldy, valid);
+    if (left == 2) q4_tile_kernel<2>(xq, dx, xs, K, q, d, mo, groups, y, ldy, valid);
+    if (left == 1) q4_tile_kernel<1>(xq, dx, xs, K, q, d, mo, groups, y, ldy, valid);
 }
 
 // Per-thread buffers of the rounded activations, grown on demand.
@@ -349,7 +327,7 @@ void q4_linear_impl(const float* x, int64_t M, int64_t K, int64_t ldx, const uin
             if constexpr (INT8_X)
                 q4_tile_all_rows(rows->xq8.data(), dxp, xsp, M, K, qt, dt, mt, y + t * NT, ldy, tile_rows(N, t));
             else
-                q4a16_tile_all_rows(rows->xq16.data(), dxp, xsp, M, K, qt, dt, mt, y + t * NT, ldy, tile_rows(N, t));
+                q4_tile_all_rows(rows->xq16.data(), dxp, xsp, M, K, qt, dt, mt, y + t * NT, ldy, tile_rows(N, t));
         }
     }
 }
