@@ -14,7 +14,7 @@ from pagoda.layers import native_stack, quantized
 from pagoda.layers.attention import ForwardContext, forward_context
 from pagoda.layers.attention_cpu import CpuPagedBackend
 from pagoda.layers.linear import Linear
-from pagoda.layers.quantized import GROUP, Int8Linear, Q4Linear, q4_1_codes, quantize_model
+from pagoda.layers.quantized import GROUP, Int8Embedding, Int8Linear, Q4Linear, q4_1_codes, quantize_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -208,6 +208,13 @@ def test_gguf_quantization_uses_the_checkpoint_blocks_exactly(smollm_gguf, llm, 
     assert layers[0].mlp.down_proj.activations == ("int16" if method == "gguf" else "int8")
     assert isinstance(model.lm_head, Int8Linear)  # the Q8_0 embedding, as the tied LM head
     fp32 = llm.engine.runner.model
+    # and the lookups read the head's int8 rows: exactly the checkpoint's table, without an fp32 copy
+    assert isinstance(model.model.embed_tokens, Int8Embedding)
+    assert model.model.embed_tokens.qweight.data_ptr() == model.lm_head.qweight.data_ptr()
+    ids = torch.tensor([[0, 1, 15, 16, 17], [4242, 49151, 31, 32, 100]])
+    assert torch.equal(model.model.embed_tokens(ids), fp32.model.embed_tokens(ids))
+    every = torch.arange(fp32.config.vocab_size)
+    assert torch.equal(model.model.embed_tokens(every), fp32.model.embed_tokens.weight)
     for mine, theirs in [(layers[0].self_attn.qkv_proj, fp32.model.layers[0].self_attn.qkv_proj),
                          (layers[17].mlp.gate_up_proj, fp32.model.layers[17].mlp.gate_up_proj),
                          (model.lm_head, fp32.model.embed_tokens)]:

@@ -275,6 +275,25 @@ class Int8Linear(QuantizedLinear):
         return out[:, :self.out_features]
 
 
+class Int8Embedding(nn.Module):
+    """Embedding lookups from an Int8Linear's packed rows: the tied LM head's copy of the table serves both,
+    so the fp32 table does not stay in memory. Used where the lookup is exact: a GGUF table stored as Q8_0."""
+
+    def __init__(self, head: Int8Linear):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        self.register_buffer("qweight", head.qweight)  # the head's tensors, shared, not copied
+        self.register_buffer("scales", head.scales)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        tile, row = flat // TILE, flat % TILE
+        codes = self.qweight[tile, :, row, :].reshape(len(flat), -1, GROUP)  # [N, K'/32, 32]
+        scales = self.scales[tile, :, row].view(torch.float16).to(torch.float32)  # [N, K'/32]
+        rows = (codes.to(torch.float32) * scales.unsqueeze(-1)).reshape(len(flat), -1)
+        return rows[:, :self.embedding_dim].reshape(*ids.shape, self.embedding_dim)
+
+
 class Q4Linear(QuantizedLinear):
     """W given as Q4_1 values: codes [N, K] in [0, 15], fp16 d and m per group of 32 (w = d * c + m). The kernel
     runs at every batch size: on this machine it beats torch's fp32 GEMM even on a pre-dequantized weight, at
@@ -368,7 +387,8 @@ def quantize_model(model: nn.Module, method: str,
     place.
 
     "int8": every layer, requantized. "gguf" / "gguf-a8": each layer whose checkpoint tensors are Q4_1 or Q8_0,
-    with exactly those values (Q4_1 layers rounding x to int16 / int8); `raw_weights` gives the checkpoint's (HF name, GGML type name, row-major blocks
+    with exactly those values (Q4_1 layers rounding x to int16 / int8), and a tied Q8_0 embedding looked up
+    from the LM head's int8 copy; `raw_weights` gives the checkpoint's (HF name, GGML type name, row-major blocks
     [N, bytes per row]) with llama.cpp's row permutations already undone. Other layers stay in fp32."""
     check_quantization(method, next(model.parameters()).device)
     from pagoda.models.llama import STACKED_PARAMS
@@ -393,6 +413,8 @@ def quantize_model(model: nn.Module, method: str,
         head = raw.get("model.embed_tokens.weight" if tied else "lm_head.weight")
         if tied and head is not None and head[0] == "Q8_0":
             model.lm_head = Int8Linear(model.model.embed_tokens.weight)
+            # the Q8_0 values, requantized to themselves: lookups from them are exact; the fp32 table goes
+            model.model.embed_tokens = Int8Embedding(model.lm_head)
     else:
         for name, module in _linears(model):
             _swap(model, name, Int8Linear.from_linear(module))
