@@ -28,6 +28,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -309,6 +310,11 @@ void q4_linear_impl(const float* x, int64_t M, int64_t K, int64_t ldx, const uin
     static thread_local QuantizedRows rows_of_caller;
     QuantizedRows* rows = &rows_of_caller;  // the caller's buffers, shared by the threads below
     rows->resize(M, K, INT8_X);
+    const std::conditional_t<INT8_X, int8_t, int16_t>* xqp;
+    if constexpr (INT8_X)
+        xqp = rows->xq8.data();
+    else
+        xqp = rows->xq16.data();
     const float *dxp = rows->dx.data(), *xsp = rows->xs.data();
     // Few rows: quantized by the calling thread. Many (prefill): by all threads, a slice each, before the tiles.
     const bool split_rows = M >= PARALLEL_QUANTIZE_ROWS;
@@ -324,10 +330,7 @@ void q4_linear_impl(const float* x, int64_t M, int64_t K, int64_t ldx, const uin
         for (int64_t t = 0; t < tiles; ++t) {
             const uint8_t* qt = q + t * (K / 2) * NT;
             const uint16_t *dt = d + t * groups * NT, *mt = mo + t * groups * NT;
-            if constexpr (INT8_X)
-                q4_tile_all_rows(rows->xq8.data(), dxp, xsp, M, K, qt, dt, mt, y + t * NT, ldy, tile_rows(N, t));
-            else
-                q4_tile_all_rows(rows->xq16.data(), dxp, xsp, M, K, qt, dt, mt, y + t * NT, ldy, tile_rows(N, t));
+            q4_tile_all_rows(xqp, dxp, xsp, M, K, qt, dt, mt, y + t * NT, ldy, tile_rows(N, t));
         }
     }
 }

@@ -146,15 +146,16 @@ class Sampler:
         rows = ((k < vocab) | (p < 1.0)).nonzero().squeeze(1)
         if rows.numel() == 0:
             return probs
-        limited = k[rows][k[rows] < vocab]  # every top-k cut lies among the candidates
+        sub, k_rows, p_rows = probs[rows], k[rows], p[rows]
+        limited = k_rows[k_rows < vocab]  # every top-k cut lies among the candidates
         width = min(vocab, max(TOP_CANDIDATES, int(limited.max()) if limited.numel() else 0))
-        values, order = probs[rows].topk(width, dim=-1)  # sorted, most likely first
-        keep = _nucleus(values, k[rows], p[rows], total=probs[rows].sum(dim=-1))
+        values, order = sub.topk(width, dim=-1)  # sorted, most likely first
+        keep = _nucleus(values, k_rows, p_rows, total=sub.sum(dim=-1))
         # A row is decided by its candidates when it has a top-k (its cut lies among them), or its nucleus ends
         # there.
-        decided = (k[rows] < vocab) | keep[:, -1].logical_not() | (width == vocab)
+        decided = (k_rows < vocab) | keep[:, -1].logical_not() | (width == vocab)
         out = probs.clone()
-        out[rows] = torch.zeros_like(probs[rows]).scatter_(1, order, values * keep)
+        out[rows] = torch.zeros_like(sub).scatter_(1, order, values * keep)
         wide = rows[~decided]  # a nucleus wider than the candidates: sort these rows whole
         if wide.numel():
             values, order = probs[wide].sort(dim=-1, descending=True)
