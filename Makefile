@@ -33,6 +33,7 @@ serve: model
 	$(PAGODA) serve $(MODEL) --host $(HOST) --port $(PORT)
 
 test: model browser
+	$(VENV)/bin/ruff check .
 	$(PAGODA) pull gemma3-270m
 	$(PY) -m pytest -q
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.servers import free_port, wait_healthy  # noqa: E402
+from tests.servers import free_port, wait_healthy
 
 TOPICS = ["the sea", "mountains", "a city at night", "autumn", "a robot", "coffee", "trains", "the moon"]
 

@@ -29,7 +29,7 @@ import torch
 from pagoda import LLM, SamplingParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.harness import sequence_logprobs  # noqa: E402
+from tests.harness import sequence_logprobs
 
 PROMPTS = [
     "The capital of France is",

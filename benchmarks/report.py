@@ -181,15 +181,18 @@ def extras_tables() -> str:
                      f"{batching['num_requests']} requests, {batching['prompt_len']}-token prompts, output lengths "
                      f"uniform in {batching['output_len_range']}, at most {batching['batch']} at once, median of "
                      f"{len(batching['runs']['static'])} runs):\n\n"
-                     "| batching | output tok/s | wall time | mean request latency | engine steps |\n|---|---|---|---|---|\n"
+                     "| batching | output tok/s | wall time | mean request latency | engine steps |\n"
+                     "|---|---|---|---|---|\n"
                      + "\n".join(f"| {mode} | {m['output_tok_s']:.1f} | {m['seconds']:.1f} s | "
                                  f"{m['mean_latency_s']:.1f} s | {m['steps']:.0f} |" for mode, m in med.items()))
     kv = optional("kv_capacity.json")
     if kv:
-        parts.append(f"Paged vs contiguous KV allocation (benchmarks/kv_capacity.py: KV memory for {kv['kv_tokens']:,} "
+        parts.append("Paged vs contiguous KV allocation (benchmarks/kv_capacity.py: KV memory for "
+                     f"{kv['kv_tokens']:,} "
                      f"tokens = {kv['kv_bytes'] / 2**20:.0f} MiB, requests of {kv['request_tokens']} tokens):\n\n"
                      "| allocation | requests running at once |\n|---|---|\n"
-                     f"| contiguous, reserving a {kv['window']:,}-token window per request | {kv['contiguous_at_window']} |\n"
+                     f"| contiguous, reserving a {kv['window']:,}-token window per request | "
+                     f"{kv['contiguous_at_window']} |\n"
                      f"| contiguous, 8,192-token window | {kv['contiguous_at_8k_window']} |\n"
                      f"| paged (16-token blocks), measured peak | **{kv['paged_peak_running']}** "
                      f"(ideal {kv['paged_ideal']}; {kv['preemptions']} preemptions) |")

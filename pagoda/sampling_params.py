@@ -55,7 +55,8 @@ class SamplingParams:
         check(isinstance(self.n, int) and 1 <= self.n <= 128, "n", f"n must be an integer in [1, 128], got {self.n}")
         check(0.0 <= self.temperature <= 2.0, "temperature", f"temperature must be in [0, 2], got {self.temperature}")
         check(0.0 < self.top_p <= 1.0, "top_p", f"top_p must be in (0, 1], got {self.top_p}")
-        check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", f"top_k must be -1, 0 or positive, got {self.top_k}")
+        check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k",
+              f"top_k must be -1, 0 or positive, got {self.top_k}")
         check(0.0 <= self.min_p <= 1.0, "min_p", f"min_p must be in [0, 1], got {self.min_p}")
         check(0.0 < self.repetition_penalty <= 2.0 or self.repetition_penalty == 1.0, "repetition_penalty",
               f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
@@ -64,7 +65,7 @@ class SamplingParams:
         check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty",
               f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
         if self.logit_bias:
-            for token, bias in self.logit_bias.items():
+            for bias in self.logit_bias.values():
                 check(-100.0 <= bias <= 100.0, "logit_bias", f"logit_bias values must be in [-100, 100], got {bias}")
         check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens",
               f"max_tokens must be at least 1, got {self.max_tokens}")
@@ -88,7 +89,7 @@ class SamplingParams:
                 param = "stop_token_ids" if token in self.stop_token_ids else "logit_bias"
                 raise SamplingParamsError(f"token id {token} is outside the vocabulary [0, {vocab_size})", param)
 
-    def child(self, index: int) -> "SamplingParams":
+    def child(self, index: int) -> SamplingParams:
         """Params of the index-th of n samples: one sample each, distinct but reproducible seeds."""
         from dataclasses import replace
 

@@ -8,12 +8,12 @@ import logging
 import numpy as np
 import pytest
 import torch
+from harness import random_attention_step
 
 from pagoda.layers.attention import Attention
 from pagoda.layers.attention_cpu import CpuPagedBackend
 from pagoda.layers.attention_reference import ReferenceBackend
 from pagoda.layers.attention_select import create_backend
-from harness import random_attention_step
 
 CPU = torch.device("cpu")
 ATOL = 1e-5
@@ -69,7 +69,8 @@ def test_head_dim_tails_and_block_sizes(cpu_backend, block_size):
     # head dims that are not multiples of 8 take the kernel's scalar tails; odd block sizes split the key segments
     for head_dim in (20, 36):
         layer = Attention(0, 6, 2, head_dim, 0.3, sliding_window=13)
-        assert_matches_reference(cpu_backend, layer, *random_attention_step(MIXED, 6, 2, head_dim, block_size=block_size))
+        step = random_attention_step(MIXED, 6, 2, head_dim, block_size=block_size)
+        assert_matches_reference(cpu_backend, layer, *step)
 
 
 def test_strided_views_of_a_fused_projection(cpu_backend):

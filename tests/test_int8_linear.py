@@ -201,7 +201,8 @@ PROMPTS = [
     "Explain in simple terms why the sky is blue.",
     "import numpy as np\n\ndef softmax(x):",
     "Relational databases store data in tables. A table has rows and columns, and each row is one record. " * 4
-    + "For example, a table of customers might hold",  # over INT8_KERNEL_MAX_ROWS tokens: the prefill takes the GEMM path
+    # over INT8_KERNEL_MAX_ROWS tokens: the prefill takes the GEMM path
+    + "For example, a table of customers might hold",
 ]
 TOKENS = 32
 

@@ -27,7 +27,8 @@ def _configs():
         "qwen3": transformers.Qwen3Config(**common, head_dim=32, tie_word_embeddings=True),
         "mistral-sliding": transformers.MistralConfig(**common, sliding_window=20, tie_word_embeddings=False),
         "gemma3": transformers.Gemma3TextConfig(**common, head_dim=32, sliding_window=12, query_pre_attn_scalar=24,
-                                                layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                                layer_types=["sliding_attention", "full_attention",
+                                                             "sliding_attention"],
                                                 rope_parameters={
                                                     "full_attention": {"rope_type": "default", "rope_theta": 1e6},
                                                     "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),

@@ -133,7 +133,8 @@ async def _run(config: ServeConfig, requests: Sequence[BenchRequest]) -> ServeRe
 def _new_client(config: ServeConfig) -> httpx.AsyncClient:
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
     # No pool limits: the benchmark, not httpx, decides how many requests are in flight.
-    return httpx.AsyncClient(base_url=config.url, headers=headers, timeout=httpx.Timeout(config.timeout_s, connect=30.0),
+    return httpx.AsyncClient(base_url=config.url, headers=headers,
+                             timeout=httpx.Timeout(config.timeout_s, connect=30.0),
                              limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
 
 

@@ -167,7 +167,7 @@ class AsyncEngine:
                 if self._step_listener is not None:
                     self._step_listener(stats, outputs)
                 self._deliver(outputs, stats.num_waiting)
-        except BaseException as exc:  # noqa: BLE001 - an engine bug: fail every stream, report unhealthy
+        except BaseException as exc:
             logger.exception("the engine loop died")
             self.dead_error = exc
             assert self._loop is not None

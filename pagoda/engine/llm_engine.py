@@ -184,7 +184,7 @@ class LLMEngine:
                                                  self.scheduler.requests[r.request_id].num_cached_tokens)
         try:
             runner_output = self.runner.execute(scheduled)
-        except Exception as exc:  # noqa: BLE001 - one bad step must not take the engine down
+        except Exception as exc:
             logger.exception("step failed; failing its %d requests", len(scheduled.requests))
             parents = list(dict.fromkeys(parent_of(r.request_id)[0] for r in scheduled.requests))
             return self._finish_parents(parents, RequestStatus.FINISHED_ERROR, f"{type(exc).__name__}: {exc}")

@@ -3,8 +3,8 @@
 Why not a torch C++ extension: these kernels take raw pointers and sizes, so they need no torch headers; a
 plain `g++ -O3 -march=native -fopenmp -shared` build takes a second or two instead of a minute, and the result
 is cached under the model store (`$PAGODA_HOME/kernels/<name>-<hash>.so`), keyed by every source of this
-directory (a kernel may include another), the flags and the compiler, so a warm start compiles nothing. `-march=native` is safe because the library is built on the
-machine that runs it.
+directory (a kernel may include another), the flags and the compiler, so a warm start compiles nothing.
+`-march=native` is safe because the library is built on the machine that runs it.
 
 `load(name)` returns the ctypes library, or raises KernelBuildError with the compiler's message; callers
 decide whether to fall back to a torch path.
@@ -62,8 +62,8 @@ def load(name: str) -> ctypes.CDLL:
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 built = Path(tmp) / target.name
-                result = subprocess.run([cxx, *CXXFLAGS, f"-I{SOURCE_DIR}", str(source), "-o", str(built)], capture_output=True,
-                                        text=True, check=False)
+                result = subprocess.run([cxx, *CXXFLAGS, f"-I{SOURCE_DIR}", str(source), "-o", str(built)],
+                                        capture_output=True, text=True, check=False)
                 if result.returncode != 0:
                     raise KernelBuildError(f"compiling {source.name} failed:\n{result.stderr[-4000:]}")
                 os.replace(built, target)  # atomic: concurrent builders never load a half-written file

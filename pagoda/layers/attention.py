@@ -39,7 +39,7 @@ class AttentionBackend(ABC):
         """Everything the layers need for this step, computed once and shared by every layer."""
 
     @abstractmethod
-    def forward(self, layer: "Attention", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    def forward(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, metadata: Any) -> torch.Tensor:
         """Write k, v into the cache at the step's slots, then attend. q: [T, H, D]; k, v: [T, Hkv, D];
         kv_cache: [2, num_slots, Hkv, D]. Returns [T, H * D]."""

@@ -105,7 +105,8 @@ class NativeStack:
         for i, (layer, cache) in enumerate(zip(inner.layers, kv_caches)):
             attn = layer.self_attn
             norms = [getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)]
-            layers[i] = _Layer(layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
+            layers[i] = _Layer(layer.input_layernorm.weight.data_ptr(),
+                               layer.post_attention_layernorm.weight.data_ptr(),
                                *(n.weight.data_ptr() if n is not None else None for n in norms),
                                _qlinear(attn.qkv_proj), _qlinear(attn.o_proj), _qlinear(layer.mlp.gate_up_proj),
                                _qlinear(layer.mlp.down_proj), cache.data_ptr(), attn.attn.sliding_window or 0)

@@ -17,7 +17,7 @@ class Checkpoint:
     path: Path
     config: ModelConfig
     weights: Callable[[torch.dtype], Iterator[tuple[str, torch.Tensor]]]  # HF names, in the given dtype
-    tokenizer: "Tokenizer"  # noqa: F821
+    tokenizer: Tokenizer  # noqa: F821
     rope_freq_factors: torch.Tensor | None = None
     # GGUF only: the 2-D weights' stored blocks, (HF name, GGML type name, [rows, bytes per row]), for
     # quantization="gguf"

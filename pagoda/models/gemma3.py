@@ -43,7 +43,7 @@ class Gemma3Attention(LlamaAttention):
 class Gemma3DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryEmbedding):
         super().__init__()
-        norm = lambda: RMSNorm(config.hidden_size, config.rms_norm_eps, add_unit_offset=True)  # noqa: E731
+        norm = lambda: RMSNorm(config.hidden_size, config.rms_norm_eps, add_unit_offset=True)
         self.input_layernorm = norm()
         self.self_attn = Gemma3Attention(config, layer_idx, rotary)
         self.post_attention_layernorm = norm()

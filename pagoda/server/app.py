@@ -135,7 +135,7 @@ def create_app(settings: ServerSettings, engine: LLMEngine | None = None) -> Fas
         def load() -> None:
             try:
                 llm_engine = LLMEngine(settings.engine, progress=settings.progress)
-            except BaseException as exc:  # noqa: BLE001 - reported by /health and every route
+            except BaseException as exc:
                 logger.exception("loading %s failed", settings.engine.model)
                 state.load_error = exc
                 return
@@ -336,7 +336,7 @@ async def _merged(engine: AsyncEngine, jobs: list[_Job], timeout: float | None
                                              prompt_text=job.prompt_text, timeout=timeout):
                 queue.put_nowait((index, out))
             queue.put_nowait((index, done))
-        except Exception as exc:  # noqa: BLE001 - handed to the consumer
+        except Exception as exc:
             queue.put_nowait((index, exc))
 
     tasks = [asyncio.ensure_future(pump(i, job)) for i, job in enumerate(jobs)]
@@ -471,7 +471,7 @@ async def _respond(request: Request, engine: AsyncEngine, stream: bool, formatte
                    timeout: float | None) -> Response:
     try:  # refuse before any work (and before a stream's 200 is sent)
         engine.check_accepting()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise api_error_from(exc) from exc
     if formatter.body.model is None:
         formatter.ids.model = request.app.state.pagoda.settings.model_name
@@ -490,7 +490,7 @@ async def _respond(request: Request, engine: AsyncEngine, stream: bool, formatte
         body = await _unless_disconnected(request, collect())
     except _ClientGone:
         return Response(status_code=499)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise api_error_from(exc) from exc
     return JSONResponse(body)
 
@@ -516,7 +516,7 @@ async def _stream(engine: AsyncEngine, formatter: _Formatter, timeout: float | N
         if include_usage:
             yield R.sse({**formatter.ids.base(formatter.chunk_object), "choices": [],
                          "usage": R.usage_of([finals[j] for j in sorted(finals)])})
-    except Exception as exc:  # noqa: BLE001 - the status line is sent already: report in-band
+    except Exception as exc:
         error = api_error_from(exc)
         yield R.sse(R.error_body(error.message, error.type, error.param, error.code))
     yield R.SSE_DONE

@@ -11,14 +11,13 @@ import torch
 from torch import nn
 
 from pagoda.config import CacheConfig, ModelConfig
+from pagoda.layers import native_stack
 from pagoda.layers.attention import AttentionBackend
 from pagoda.layers.attention_select import create_backend
-from pagoda.layers import native_stack
 from pagoda.layers.quantized import check_quantization, quantize_model, resolve_quantization
 from pagoda.loader import open_checkpoint
 from pagoda.models.registry import model_class
-from pagoda.worker.kv_cache import (KVCacheLayout, allocate_kv_cache, plan_kv_cache,
-                                    resolve_kv_cache_dtype)
+from pagoda.worker.kv_cache import KVCacheLayout, allocate_kv_cache, plan_kv_cache, resolve_kv_cache_dtype
 
 logger = logging.getLogger("pagoda")
 
@@ -27,7 +26,7 @@ logger = logging.getLogger("pagoda")
 class LoadedModel:
     model: nn.Module
     config: ModelConfig
-    tokenizer: "Tokenizer"  # noqa: F821
+    tokenizer: Tokenizer  # noqa: F821
     kv_layout: KVCacheLayout
     kv_caches: list[torch.Tensor]
     backend: AttentionBackend
@@ -52,7 +51,8 @@ def build_model(checkpoint, dtype: torch.dtype, device: torch.device) -> nn.Modu
 
 
 def load_model(path: Path, dtype: torch.dtype, device: torch.device, cache: CacheConfig,
-               progress: bool = False, attention_backend: str = "auto", quantization: str | None = "auto") -> LoadedModel:
+               progress: bool = False, attention_backend: str = "auto",
+               quantization: str | None = "auto") -> LoadedModel:
     kv_dtype = resolve_kv_cache_dtype(cache.kv_cache_dtype, dtype, device)
     backend = create_backend(attention_backend, device, kv_dtype)  # first: a bad choice fails before any loading
     if quantization != "auto":
