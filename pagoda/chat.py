@@ -80,7 +80,7 @@ class RemoteChat:
 def _error_message(response) -> str:
     try:
         return response.json()["error"]["message"]
-    except Exception:
+    except Exception:  # noqa: BLE001 - not our error shape
         return f"HTTP {response.status_code}: {response.text[:200]}"
 
 

@@ -29,6 +29,22 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
                    help="element type of the KV cache; auto (default): float16 for a float32 model on the CPU "
                         "(half the memory traffic of decode attention), else the model's dtype")
+    g = p.add_argument_group("parallelism (torch.distributed; see README)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split every layer's matrices over N ranks (default: 1)")
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                   help="split the layers over M pipeline stages (default: 1); ranks = N x M")
+    g.add_argument("--pipeline-layers", default=None, metavar="L1,L2,...",
+                   help="layers per pipeline stage (default: balanced)")
+    g.add_argument("--threads-per-rank", type=int, default=None,
+                   help="compute threads of each rank (default: this machine's cores / its ranks)")
+    g.add_argument("--distributed-timeout", type=float, default=60.0,
+                   help="seconds a rank may wait inside a step before the engine fails as dead (default: 60)")
+    g.add_argument("--nnodes", type=int, default=1,
+                   help="machines the ranks run on, without torchrun (each runs world / nnodes ranks)")
+    g.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0 runs the driver")
+    g.add_argument("--master-addr", default="127.0.0.1", help="address of node 0 (with --nnodes)")
+    g.add_argument("--master-port", type=int, default=29500, help="a free port on node 0 (with --nnodes)")
 
 
 def _engine_config(args: argparse.Namespace):
@@ -38,7 +54,33 @@ def _engine_config(args: argparse.Namespace):
                         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                         max_prefill_tokens=args.max_prefill_tokens, attention_backend=args.attention_backend,
                         quantization=None if args.quantization == "none" else args.quantization,
-                        kv_cache_dtype=args.kv_cache_dtype)
+                        kv_cache_dtype=args.kv_cache_dtype, tensor_parallel_size=args.tensor_parallel_size,
+                        pipeline_parallel_size=args.pipeline_parallel_size,
+                        pipeline_layers=_int_list(args.pipeline_layers), threads_per_rank=args.threads_per_rank,
+                        distributed_timeout=args.distributed_timeout)
+
+
+def _int_list(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"expected comma-separated layer counts, got {text!r}") from None
+
+
+def _engine(args: argparse.Namespace, config=None, progress: bool = True):
+    """The engine for a command, on the driver; None when this process is a worker rank (it has served its
+    steps when this returns)."""
+    from pagoda.engine.llm_engine import LLMEngine
+    from pagoda.parallel.launch import launch_for, run_worker_node
+
+    config = config or _engine_config(args)
+    launch = launch_for(config, args.nnodes, args.node_rank, args.master_addr, args.master_port)
+    if launch is not None and not launch.is_driver:
+        run_worker_node(config, launch)
+        return None
+    return LLMEngine(config, progress=progress, launch=launch.executor_launch if launch else None)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -59,10 +101,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from pagoda.engine.llm_engine import LLMEngine
     from pagoda.sampling_params import SamplingParams
 
-    engine = LLMEngine(_engine_config(args), progress=True)
+    engine = _engine(args)
+    if engine is None:
+        return 0
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
@@ -71,14 +114,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt = engine.tokenizer.encode(text, add_special_tokens=False)
     engine.add_request("cli", prompt, params)
     start, first, count = time.monotonic(), None, 0
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            sample = out.outputs[0]
-            if sample.delta_token_ids and first is None:
-                first = time.monotonic()
-            count += len(sample.delta_token_ids)
-            sys.stdout.write(sample.delta_text)
-            sys.stdout.flush()
+    try:
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                sample = out.outputs[0]
+                if sample.delta_token_ids and first is None:
+                    first = time.monotonic()
+                count += len(sample.delta_token_ids)
+                sys.stdout.write(sample.delta_text)
+                sys.stdout.flush()
+    finally:
+        engine.shutdown()
     sys.stdout.write("\n")
     elapsed = time.monotonic() - (first or start)
     rate = (count - 1) / elapsed if count > 1 and elapsed > 0 else 0.0
@@ -92,21 +138,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from pagoda.parallel.launch import launch_for, run_worker_node
     from pagoda.server.app import ServerSettings, create_app
 
     if args.model_arg:
         args.model = args.model_arg
     api_key = args.api_key or os.environ.get("PAGODA_API_KEY") or None
     url = f"http://{args.host}:{args.port}"
-    settings = ServerSettings(engine=_engine_config(args), served_model_name=args.served_model_name,
+    config = _engine_config(args)
+    launch = launch_for(config, args.nnodes, args.node_rank, args.master_addr, args.master_port)
+    if launch is not None and not launch.is_driver:  # a worker node / rank: no HTTP, serve steps
+        run_worker_node(config, launch)
+        return 0
+    settings = ServerSettings(engine=config, served_model_name=args.served_model_name,
                               api_key=api_key, request_timeout=args.request_timeout, max_waiting=args.max_waiting,
-                              progress=True, url=url)
+                              progress=True, url=url, launch=launch.executor_launch if launch else None)
     app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           access_log=args.access_log, timeout_keep_alive=30))
+    settings.on_engine_death = lambda: setattr(server, "should_exit", True)
     logging.getLogger("pagoda").info("Pagoda %s listening on %s; loading %s (GET /health answers 200 when ready)",
                                      _version(), url, args.model)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=args.access_log,
-                timeout_keep_alive=30)
-    return 0
+    server.run()
+    engine = app.state.pagoda.engine
+    return 1 if engine is not None and engine.dead_error is not None else 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -197,12 +252,16 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
 
     from pagoda.bench.throughput import run_throughput_benchmark
     from pagoda.bench.workload import build_workload
-    from pagoda.engine.llm_engine import LLMEngine
 
     spec = _workload_spec(args)
     config = _engine_config(args)
-    engine = LLMEngine(config, progress=True)
-    result = run_throughput_benchmark(engine, build_workload(spec, engine.tokenizer))
+    engine = _engine(args, config)
+    if engine is None:
+        return 0
+    try:
+        result = run_throughput_benchmark(engine, build_workload(spec, engine.tokenizer))
+    finally:
+        engine.shutdown()
     print(result.format())
     _write_result_json(args.result_json, {"engine": asdict(config), "workload": _workload_json(spec),
                                           "result": result.to_json()})

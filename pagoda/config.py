@@ -6,6 +6,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+from pagoda.parallel.layout import ParallelConfig
+
 # model_type (HF) or general.architecture (GGUF) -> the model file that implements it.
 ARCHITECTURES = {
     "llama": "llama",
@@ -108,3 +112,56 @@ class CacheConfig:
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.kv_cache_memory <= 0:
             raise ValueError(f"invalid cache configuration: {self}")
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "auto": torch.float32}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What a user asks of an engine (the CLI flags, LLM(...) arguments). What it resolves to on this host is the
+    ExecutionPlan (execution_plan.py)."""
+
+    model: str
+    dtype: str = "auto"
+    kv_cache_memory: int | str = "2GiB"  # per rank
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_prefill_tokens: int = 512  # prompt tokens per step; decoding requests add one token each
+    max_model_len: int | None = None  # default: the model's context length, capped by the KV cache
+    enable_prefix_caching: bool = True
+    device: str = "cpu"
+    attention_backend: str = "auto"  # "auto", "cpu" (native kernel) or "reference": see layers/attention_select.py
+    # "auto": "gguf" for a GGUF file on the CPU, else None; None: weights in `dtype`; "gguf" / "gguf-a8":
+    # compute on the file's own Q4_1/Q8_0 blocks, int16 / int8 activations for the 4-bit layers; "int8":
+    # requantize every linear layer. See layers/quantized.py.
+    quantization: str | None = "auto"
+    kv_cache_dtype: str = "auto"  # "auto": fp16 for an fp32 model on the CPU, else the model's dtype
+    # Parallelism (parallel/): world size = tensor x pipeline; workers are spawned by the engine, or launched by
+    # torchrun (then every process runs the engine's rank of the world it finds in the environment).
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    pipeline_layers: tuple[int, ...] | None = None  # layers per stage (default: balanced)
+    threads_per_rank: int | None = None  # default: this host's cores / its ranks
+    distributed_timeout: float = 60.0  # seconds a collective may wait before the engine fails as dead
+
+    def __post_init__(self) -> None:
+        _ = self.parallel  # validates the sizes
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        try:
+            return DTYPES[self.dtype]
+        except KeyError:
+            raise ValueError(f"dtype {self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}") from None
+
+    @property
+    def parallel(self) -> ParallelConfig:
+        layers = tuple(self.pipeline_layers) if self.pipeline_layers is not None else None
+        return ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, layers)
+
+    @property
+    def cache(self) -> CacheConfig:
+        return CacheConfig(self.block_size, parse_size(self.kv_cache_memory), self.enable_prefix_caching,
+                           self.kv_cache_dtype)

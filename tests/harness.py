@@ -13,7 +13,7 @@ from pagoda.core.scheduler import Scheduler, SchedulerConfig
 from pagoda.layers.attention import BatchLayout
 from pagoda.layers.attention_reference import ReferenceBackend
 from pagoda.loader import Checkpoint
-from pagoda.loader.hf_loader import hf_weights, read_config
+from pagoda.loader.hf_loader import hf_tensors, read_config
 from pagoda.request import Request
 from pagoda.sampling_params import SamplingParams
 from pagoda.worker.kv_cache import allocate_kv_cache, kv_bytes_per_token, plan_kv_cache
@@ -25,7 +25,7 @@ CPU = torch.device("cpu")
 
 def hf_checkpoint(directory: Path) -> Checkpoint:
     config = read_config(directory)
-    return Checkpoint(directory, config, lambda dtype: hf_weights(directory, dtype), tokenizer=None)
+    return Checkpoint(directory, config, lambda: hf_tensors(directory), tokenizer=None)
 
 
 class Harness:

@@ -158,12 +158,14 @@ def test_quantize_model_swaps_every_linear_and_the_tied_head() -> None:
             self.model.embed_tokens = torch.nn.Embedding(100, 64)
             self.model.proj = Linear(64, 32)
             self.model.proj.weight.data.normal_()
-            self.lm_head = None
+            self.lm_head = Linear(64, 100)
+            self.lm_head.weight = self.model.embed_tokens.weight  # tied, as models/llama.py's LMHead
 
     tiny = quantize_model(Tiny(), "int8")
     assert isinstance(tiny.model.proj, Int8Linear) and isinstance(tiny.lm_head, Int8Linear)
     assert not any(isinstance(m, Linear) for m in tiny.modules())
     assert tiny.lm_head.out_features == 100
+    assert isinstance(tiny.model.embed_tokens, torch.nn.Embedding)  # int8: lookups stay on the fp32 table
 
 
 def test_cli_flag_reaches_engine_config() -> None:

@@ -1,4 +1,4 @@
-"""The q4 (Q4_1) linear kernel and the native decoder stack (pagoda/layers/native_stack.py): each against the
+"""The q4 (Q4_1) linear kernel and the native decoder stack (pagoda/models/native_stack.py): each against the
 torch path over the same weights, on random tiny models of every Llama-layout architecture, and the default
 model with quantization="gguf" against its fp32 weights."""
 
@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from pagoda.layers import native_stack, quantized
+from pagoda.layers import quantized
 from pagoda.layers.attention import ForwardContext, forward_context
 from pagoda.layers.attention_cpu import CpuPagedBackend
 from pagoda.layers.linear import Linear
 from pagoda.layers.quantized import GROUP, Int8Embedding, Int8Linear, Q4Linear, q4_1_codes, quantize_model
+from pagoda.models import native_stack
 
 transformers = pytest.importorskip("transformers")
 
@@ -92,8 +93,8 @@ CONFIGS = {name: ALL_CONFIGS[name] for name in ("llama", "llama3-rope-tied", "qw
 
 
 def to_q4(model: torch.nn.Module, activations: str) -> None:
-    """Quantize every Linear to Q4_1 values (min/max per group of 32), as a GGUF converter would."""
-    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, Linear)]:
+    """Quantize every decoder Linear to Q4_1 values (min/max per group of 32), as a GGUF converter would."""
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, Linear) and n != "lm_head"]:
         w = module.weight.detach().view(module.out_features, -1, GROUP)
         lo, hi = w.amin(-1), w.amax(-1)
         d = ((hi - lo) / 15).to(torch.float16)
@@ -117,7 +118,8 @@ def harness(request, tmp_path_factory):
         quantize_model(h.model, "int8")
     else:
         to_q4(h.model, "int8" if fmt == "q4" else "int16")
-    assert native_stack.attach(h.model, h.runner.kv_caches, h.runner.backend) is not None
+    h.runner.native_stack, reason = native_stack.build(h.model, h.runner.kv_caches, h.runner.backend)
+    assert h.runner.native_stack is not None, reason
     return h
 
 
@@ -130,11 +132,11 @@ def test_native_stack_generates_the_torch_tokens(harness):
     """Mixed steps (decodes + prefill chunks of at most 48 tokens) all run natively here; preemption too."""
     prompts = _prompts(harness.config.vocab_size)
     native = harness.generate(prompts, 24)
-    stack, harness.model.native_stack = harness.model.native_stack, None
+    stack, harness.runner.native_stack = harness.runner.native_stack, None
     try:
         torch_path = harness.generate(prompts, 24)
     finally:
-        harness.model.native_stack = stack
+        harness.runner.native_stack = stack
     assert native == torch_path
 
 
@@ -143,7 +145,8 @@ def test_native_stack_hidden_states_and_cache_match_torch(harness, chunk):
     """One mixed step (two decodes after cached contexts, one chunk of 7 or 100 tokens): final hidden states and
     the KV rows written agree with the torch modules."""
     runner, model, bs = harness.runner, harness.model, 16
-    if model.native_stack.max_tokens is not None and chunk + 2 > model.native_stack.max_tokens:
+    stack = runner.native_stack
+    if stack.max_tokens is not None and chunk + 2 > stack.max_tokens:
         pytest.skip("int8 layers: steps this large run on the torch path")
     rng = np.random.default_rng(1)
     layout, positions = paged_layout([(1, 30), (1, 3), (chunk, chunk)], bs, seed=1)
@@ -153,23 +156,18 @@ def test_native_stack_hidden_states_and_cache_match_torch(harness, chunk):
     ids = torch.from_numpy(rng.integers(0, harness.config.vocab_size, 2 + chunk))
     pos = torch.from_numpy(positions)
 
-    def run(stack):
+    def run(forward):
         saved = [c.clone() for c in runner.kv_caches]
-        model.native_stack = stack
         md = runner.backend.build_metadata(layout, runner.windows)
         with torch.inference_mode(), forward_context(ForwardContext(runner.backend, md, runner.kv_caches)):
-            hidden = model(ids, pos)
+            hidden = forward(ids, pos)
         written = [c[:, slots].clone() for c in runner.kv_caches]
         for c, s in zip(runner.kv_caches, saved):
             c.copy_(s)
         return hidden, written
 
-    stack = model.native_stack
-    try:
-        native, native_kv = run(stack)
-        reference, reference_kv = run(None)
-    finally:
-        model.native_stack = stack
+    native, native_kv = run(stack)
+    reference, reference_kv = run(model)
     # Both paths round each linear layer's input per group of 32, int8 layers to int16 (a step is 2^-15 of the
     # group's largest value), q4 layers to int8 (2^-7): an fp32-rounding difference upstream can move an element
     # by a step, and the random model amplifies it, so the bound is a few steps, not fp32 epsilon.
@@ -202,7 +200,7 @@ def test_gguf_quantization_uses_the_checkpoint_blocks_exactly(smollm_gguf, llm, 
 
     fast = LLM(str(smollm_gguf), quantization=method, kv_cache_memory="256MiB", progress=False)
     model = fast.engine.runner.model
-    assert model.native_stack is not None
+    assert fast.engine.runner.native_stack is not None and fast.engine.plan.native_stack
     layers = model.model.layers
     assert all(isinstance(m, Q4Linear) for m in (layers[0].self_attn.qkv_proj, layers[29].mlp.down_proj))
     assert layers[0].mlp.down_proj.activations == ("int16" if method == "gguf" else "int8")

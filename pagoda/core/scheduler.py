@@ -88,7 +88,9 @@ class Scheduler:
 
     # ---- one step -----------------------------------------------------------------------------------------
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, busy: set[str] | frozenset[str] = frozenset()) -> SchedulerOutput:
+        """`busy`: requests in a step still in flight (pipeline parallelism). They are neither scheduled nor
+        preempted: their next tokens are not known yet, and the step in flight writes their KV blocks."""
         prompt_budget = self.config.max_prefill_tokens
         scheduled: list[tuple[Request, int]] = []
         preempted: list[Request] = []
@@ -98,19 +100,27 @@ class Scheduler:
             request = self.running[index]
             gap = request.num_tokens - request.num_computed_tokens
             num_new = 1 if gap == 1 else min(gap, prompt_budget)  # decodes never wait for the prompt budget
-            if num_new == 0:
+            if num_new == 0 or request.request_id in busy:
                 index += 1
                 continue
+            fits = True
             while not self.kv_cache.allocate_slots(request, num_new):
-                victim = self.running.pop()
+                victim = self._victim(busy)
+                if victim is None:  # only requests in flight could make room: try again next step
+                    fits = False
+                    break
+                self.running.remove(victim)
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is request:
+                    fits = False
                     break
-            else:
+            if fits:
                 scheduled.append((request, num_new))
                 if gap > 1:
                     prompt_budget -= num_new
+                index += 1
+            elif request in self.running:
                 index += 1
 
         # Admit waiting requests only when nothing was preempted: the cache is already too full.
@@ -190,6 +200,10 @@ class Scheduler:
         if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.config.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return RequestStatus.RUNNING
+
+    def _victim(self, busy: set[str] | frozenset[str]) -> Request | None:
+        """The most recently admitted running request that is not in flight."""
+        return next((r for r in reversed(self.running) if r.request_id not in busy), None)
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache.free(request)

@@ -66,11 +66,15 @@ StepListener = Callable[[EngineStats, list[RequestOutput]], None]
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, *, max_waiting: int | None = None,
-                 step_listener: StepListener | None = None):
+                 step_listener: StepListener | None = None,
+                 on_dead: Callable[[BaseException], None] | None = None):
         """`max_waiting`: refuse new requests while this many are queued and not yet running (None: no limit).
         `step_listener` is called on the engine thread after every step, with the engine's stats and the step's
-        outputs (for metrics); it must be quick and thread-safe."""
+        outputs (for metrics); it must be quick and thread-safe. `on_dead` is called (from any thread) once the
+        engine can serve no more: its loop died, or one of its parallel ranks did."""
         self.engine = engine
+        self._on_dead = on_dead
+        engine.dead_listeners.append(self._engine_died)
         self.tokenizer = engine.tokenizer
         self.max_waiting = max_waiting
         self._step_listener = step_listener
@@ -93,6 +97,7 @@ class AsyncEngine:
         if self._thread is not None and self._thread.is_alive():
             self._commands.put(_STOP)
             self._thread.join(timeout)
+        self.engine.shutdown()
 
     @property
     def is_running(self) -> bool:
@@ -167,11 +172,20 @@ class AsyncEngine:
                 if self._step_listener is not None:
                     self._step_listener(stats, outputs)
                 self._deliver(outputs, stats.num_waiting)
-        except BaseException as exc:
+        except BaseException as exc:  # an engine bug: fail every stream, report unhealthy
             logger.exception("the engine loop died")
-            self.dead_error = exc
-            assert self._loop is not None
-            self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(f"the engine stopped: {exc!r}"))
+            self._engine_died(exc)
+
+    def _engine_died(self, error: BaseException) -> None:
+        """The engine can serve no more (any thread): fail every stream, stop the loop, tell the owner once."""
+        if self.dead_error is not None:
+            return
+        self.dead_error = error
+        self._commands.put(_STOP)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(f"the engine stopped: {error!r}"))
+        if self._on_dead is not None:
+            self._on_dead(error)
 
     def _apply_commands(self, block: bool) -> bool:
         """Apply every queued command; when `block`, wait for at least one. False when asked to stop."""

@@ -8,52 +8,25 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from pagoda.config import CacheConfig, parse_size
+from pagoda.config import EngineConfig
 from pagoda.core.kv_cache_manager import KVCacheManager
+from pagoda.core.outputs import ModelRunnerOutput, SchedulerOutput
 from pagoda.core.scheduler import Scheduler, SchedulerConfig
 from pagoda.engine.output_processor import OutputProcessor, child_id, parent_of
 from pagoda.engine.outputs import RequestOutput
+from pagoda.parallel.executor import DistributedExecutor, Launch
 from pagoda.request import Request, RequestStatus
 from pagoda.sampling_params import SamplingParams, SamplingParamsError
 from pagoda.worker.model_loader import load_model
 from pagoda.worker.model_runner import ModelRunner
 
 logger = logging.getLogger("pagoda")
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "auto": torch.float32}
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    model: str
-    dtype: str = "auto"
-    kv_cache_memory: int | str = "2GiB"
-    block_size: int = 16
-    max_num_seqs: int = 64
-    max_prefill_tokens: int = 512  # prompt tokens per step; decoding requests add one token each
-    max_model_len: int | None = None  # default: the model's context length, capped by the KV cache
-    enable_prefix_caching: bool = True
-    device: str = "cpu"
-    attention_backend: str = "auto"  # "auto", "cpu" (native kernel) or "reference": see layers/attention_select.py
-    # "auto": "gguf" for a GGUF file on the CPU, else None; None: weights in `dtype`; "gguf" / "gguf-a8":
-    # compute on the file's own Q4_1/Q8_0 blocks, int16 / int8 activations for the 4-bit layers; "int8":
-    # requantize every linear layer. See layers/quantized.py.
-    quantization: str | None = "auto"
-    kv_cache_dtype: str = "auto"  # "auto": fp16 for an fp32 model on the CPU, else the model's dtype
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        try:
-            return DTYPES[self.dtype]
-        except KeyError:
-            raise ValueError(f"dtype {self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}") from None
-
 
 @dataclass(frozen=True)
 class EngineStats:
@@ -74,21 +47,37 @@ class PromptTooLongError(SamplingParamsError):
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, progress: bool = False):
+    def __init__(self, config: EngineConfig, progress: bool = False, launch: Launch | None = None):
+        """`launch`: how to meet the other ranks when the config asks for several (default: spawn them here)."""
         from pagoda.model_store import resolve_model
 
         self.config = config
         start = time.monotonic()
         device = torch.device(config.device)
         path = resolve_model(config.model, progress=progress)
-        loaded = load_model(path, config.torch_dtype, device, CacheConfig(
-            config.block_size, parse_size(config.kv_cache_memory), config.enable_prefix_caching,
-            config.kv_cache_dtype), progress=progress,
-            attention_backend=config.attention_backend, quantization=config.quantization)
+        self.executor: DistributedExecutor | None = None
+        self.dead_listeners: list[Callable[[BaseException], None]] = []  # told when a rank dies
+        if config.parallel.world_size > 1:
+            from pagoda.loader import open_checkpoint
+
+            num_layers = open_checkpoint(path).config.num_hidden_layers
+            self.executor = DistributedExecutor(config, path, launch or Launch.local(), num_layers,
+                                                on_dead=self._on_rank_dead, progress=progress)
+            loaded = self.executor.loaded
+            self.runner = self.executor.runner
+            self.plans = self.executor.plans
+        else:
+            loaded = load_model(path, config, progress=progress)
+            self.runner = ModelRunner(loaded.model, loaded.config, loaded.kv_caches, config.block_size,
+                                      loaded.backend, device, loaded.native_stack)
+            self.plans = [loaded.plan]
+        self._in_flight: deque[tuple[SchedulerOutput, ModelRunnerOutput | None]] = deque()
+        self._busy: set[str] = set()  # scheduler ids in a step in flight
         self.model_path = path
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.kv_layout = loaded.kv_layout
+        self.plan = loaded.plan
         context = config.max_model_len or loaded.config.max_position_embeddings
         self.max_model_len = min(context, loaded.kv_layout.num_tokens)
         if self.max_model_len < context:
@@ -97,11 +86,9 @@ class LLMEngine:
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_prefill_tokens, self.max_model_len),
             KVCacheManager(loaded.kv_layout.num_blocks, config.block_size, config.enable_prefix_caching))
-        self.runner = ModelRunner(loaded.model, loaded.config, loaded.kv_caches, config.block_size,
-                                  loaded.backend, device)
         self.output_processor = OutputProcessor(self.tokenizer)
         logger.info(
-            "KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, %s); max concurrency at %d tokens: %.1f",
+            "KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB per rank, %s); max concurrency at %d tokens: %.1f",
             loaded.kv_layout.num_blocks, config.block_size, loaded.kv_layout.num_tokens,
             loaded.kv_layout.num_bytes / 1024**3, str(loaded.kv_caches[0].dtype).removeprefix("torch."),
             self.max_model_len, loaded.kv_layout.max_concurrency(self.max_model_len))
@@ -176,19 +163,60 @@ class LLMEngine:
     # ---- the step -----------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        if self.executor is not None:
+            return self._parallel_step()
         scheduled = self.scheduler.schedule()
         if scheduled.empty:
             return []
-        for r in scheduled.requests:
-            self.output_processor.mark_scheduled(parent_of(r.request_id)[0],
-                                                 self.scheduler.requests[r.request_id].num_cached_tokens)
+        self._mark_scheduled(scheduled)
         try:
             runner_output = self.runner.execute(scheduled)
-        except Exception as exc:
+        except Exception as exc:  # one bad step must not take the engine down
             logger.exception("step failed; failing its %d requests", len(scheduled.requests))
             parents = list(dict.fromkeys(parent_of(r.request_id)[0] for r in scheduled.requests))
             return self._finish_parents(parents, RequestStatus.FINISHED_ERROR, f"{type(exc).__name__}: {exc}")
+        return self._update(scheduled, runner_output)
+
+    def _parallel_step(self) -> list[RequestOutput]:
+        """Fill the pipeline (up to one step in flight per stage), then finish the oldest step. Any failure
+        here is fatal (DistributedError): the ranks are out of step with each other."""
+        while len(self._in_flight) < self.executor.max_in_flight:
+            scheduled = self.scheduler.schedule(self._busy)
+            if scheduled.empty:
+                break
+            self._mark_scheduled(scheduled)
+            result = self.executor.submit(scheduled)
+            self._in_flight.append((scheduled, result))
+            self._busy.update(r.request_id for r in scheduled.requests)
+            if result is not None:  # the driver sampled (one stage): nothing to overlap
+                break
+        if not self._in_flight:
+            return []
+        scheduled, result = self._in_flight.popleft()
+        if result is None:
+            result = self.executor.collect()
+        self._busy.difference_update(r.request_id for r in scheduled.requests)
+        return self._update(scheduled, result)
+
+    def _mark_scheduled(self, scheduled: SchedulerOutput) -> None:
+        for r in scheduled.requests:
+            self.output_processor.mark_scheduled(parent_of(r.request_id)[0],
+                                                 self.scheduler.requests[r.request_id].num_cached_tokens)
+
+    def _update(self, scheduled: SchedulerOutput, runner_output: ModelRunnerOutput) -> list[RequestOutput]:
         core_outputs = self.scheduler.update_from_output(scheduled, runner_output)
         outputs, stopped = self.output_processor.process(core_outputs)
         self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         return outputs
+
+    # ---- parallel ranks -----------------------------------------------------------------------------------
+
+    def _on_rank_dead(self, error: BaseException) -> None:
+        for listener in list(self.dead_listeners):
+            listener(error)
+
+    def shutdown(self) -> None:
+        """Stop the worker ranks (parallel engines); the engine serves no more steps."""
+        if self.executor is not None:
+            self.executor.shutdown()
+            self.executor = None

@@ -35,6 +35,21 @@ class KernelBuildError(RuntimeError):
     """The kernel could not be compiled or loaded (no compiler, or a compile error)."""
 
 
+# Instruction-set extensions that decide what `-march=native` emits and what the kernels can use.
+ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16",
+             "amx_tile", "amx_int8", "amx_bf16")
+
+
+def host_isa() -> str:
+    """The ISA extensions of this CPU that the kernels care about, e.g. "avx2+fma+f16c" ("" when unknown)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return ""
+    return "+".join(flag for flag in ISA_FLAGS if flag in flags)
+
+
 def _cache_dir() -> Path:
     home = Path(os.environ.get("PAGODA_HOME", Path.home() / ".cache" / "pagoda"))
     return home / "kernels"
@@ -56,7 +71,9 @@ def load(name: str) -> ctypes.CDLL:
         cxx = _compiler()
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
         sources = b"".join(path.read_bytes() for path in sorted(SOURCE_DIR.glob("*.cpp")))
-        key = hashlib.sha256(sources + " ".join([cxx, *CXXFLAGS, version]).encode()).hexdigest()[:16]
+        # The CPU's extensions are part of the key: `-march=native` on one CPU may emit instructions another lacks
+        # (a model store shared between machines must never hand one a library built for the other).
+        key = hashlib.sha256(sources + " ".join([cxx, *CXXFLAGS, version, host_isa()]).encode()).hexdigest()[:16]
         target = _cache_dir() / f"{name}-{key}.so"
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,12 @@
 // The whole decoder stack of a Llama-family model in one native call, for small steps (decode batches).
 //
-// This file owns the native half of pagoda/layers/native_stack.py. Per layer it runs, for the step's T tokens:
+// This file owns the native half of pagoda/models/native_stack.py. Per layer it runs, for the step's T tokens:
 //   x = rmsnorm(h) ; qkv = x W_qkv^T ; [q/k head norms] ; rotary(q, k) ; write k, v to the paged cache ;
 //   a = paged attention(q) ; h += a W_o^T ; x = rmsnorm(h) ; gu = x W_gate_up^T ; h += (silu(g) * u) W_down^T
-// and at the end out = rmsnorm(h). The linear layers are the quantized kernels of quant_linear.cpp, attention
+// and at the end out = rmsnorm(h). With tensor parallelism the stack is one rank's shard (its heads and its slice
+// of the MLP): the o and down projections give partial sums, which the all_reduce callback (torch.distributed,
+// called from this thread between parallel regions) sums over the group before the residual add. A pipeline
+// stage runs its own layers; only the last one has a final norm. The linear layers are the quantized kernels of quant_linear.cpp, attention
 // is paged_attention.cpp (both included below, so one library holds the whole step). The semantics are the
 // torch modules' (models/llama.py, models/qwen3.py, layers/common.py): the tests compare the two paths.
 //
@@ -45,8 +48,9 @@ struct Stack {
     float eps, scale;
     const float* cos;
     const float* sin;
-    const float* final_norm;
+    const float* final_norm;  // null: not the last pipeline stage (out = h)
     const Layer* layers;
+    void (*all_reduce)(float* data, int64_t n);  // null: one rank
 };
 
 struct Batch {
@@ -186,6 +190,7 @@ void llama_stack_forward(const Stack* stack, const Batch* batch, float* h, float
         linear(L.qkv, buf.x.data(), T, buf.qkv.data(), threads);
         attention(S, L, B, buf.qkv.data(), buf.attn.data(), threads);
         linear(L.o, buf.attn.data(), T, buf.tmp.data(), threads);
+        if (S.all_reduce != nullptr) S.all_reduce(buf.tmp.data(), T * S.hidden);
         add_rows(h, buf.tmp.data(), T * S.hidden);
         norm_rows(h, L.ffn_norm, S, T, buf.x.data(), threads);
         linear(L.gate_up, buf.x.data(), T, buf.gate_up.data(), threads);
@@ -194,9 +199,13 @@ void llama_stack_forward(const Stack* stack, const Batch* batch, float* h, float
 #pragma omp parallel for num_threads(threads) if (T >= PARALLEL_ROWS)
         for (int64_t t = 0; t < T; ++t) silu_mul(gate_up + t * 2 * I, gate_up + t * 2 * I + I, I, act + t * I);
         linear(L.down, buf.act.data(), T, buf.tmp.data(), threads);
+        if (S.all_reduce != nullptr) S.all_reduce(buf.tmp.data(), T * S.hidden);
         add_rows(h, buf.tmp.data(), T * S.hidden);
     }
-    norm_rows(h, S.final_norm, S, T, out, threads);
+    if (S.final_norm != nullptr)
+        norm_rows(h, S.final_norm, S, T, out, threads);
+    else
+        std::memcpy(out, h, T * S.hidden * sizeof(float));
 }
 
 }  // extern "C"

@@ -2,20 +2,16 @@
 
 "auto" takes the CPU kernel when it can run (CPU device, fp32 or fp16 KV cache, the kernel compiles) and the reference
 otherwise; "cpu" requires the kernel and fails loudly when it cannot run; "reference" is always available.
-Exactly one log line says which backend was chosen and why.
+The choice and its reason go into the execution plan (execution_plan.py).
 """
 
 from __future__ import annotations
-
-import logging
 
 import torch
 
 from pagoda.kernels import KernelBuildError
 from pagoda.layers.attention import AttentionBackend
 from pagoda.layers.attention_reference import ReferenceBackend
-
-logger = logging.getLogger("pagoda")
 
 ATTENTION_BACKENDS = ("auto", "cpu", "reference")
 
@@ -31,12 +27,12 @@ def _cpu_unsupported(device: torch.device, cache_dtype: torch.dtype) -> str | No
     return None
 
 
-def create_backend(name: str, device: torch.device, cache_dtype: torch.dtype) -> AttentionBackend:
+def create_backend(name: str, device: torch.device, cache_dtype: torch.dtype) -> tuple[AttentionBackend, str]:
+    """The backend and why it was chosen."""
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"attention_backend {name!r} is not supported; choose one of {', '.join(ATTENTION_BACKENDS)}")
     if name == "reference":
-        logger.info("attention backend: reference (requested)")
-        return ReferenceBackend(device)
+        return ReferenceBackend(device), "requested"
     from pagoda.layers.attention_cpu import CpuPagedBackend
 
     reason = _cpu_unsupported(device, cache_dtype)
@@ -44,20 +40,17 @@ def create_backend(name: str, device: torch.device, cache_dtype: torch.dtype) ->
         if reason is not None:
             raise ValueError(f"attention_backend='cpu' cannot run here: {reason}; use 'auto' or 'reference'")
         try:
-            backend = CpuPagedBackend()
+            return CpuPagedBackend(), "requested"
         except KernelBuildError as exc:
             raise KernelBuildError(f"attention_backend='cpu' needs the native kernel, which did not build: {exc}"
                                    ) from exc
-        logger.info("attention backend: cpu (requested)")
-        return backend
     if reason is None:
         try:
-            backend = CpuPagedBackend()
+            return CpuPagedBackend(), f"auto: CPU device, {str(cache_dtype).removeprefix('torch.')} KV cache"
         except KernelBuildError as exc:
             reason = f"the native kernel did not build ({str(exc).splitlines()[0]})"
-        else:
-            logger.info("attention backend: cpu (auto: CPU device, %s KV cache, kernel built)",
-                        str(cache_dtype).removeprefix("torch."))
-            return backend
-    logger.info("attention backend: reference (auto: %s)", reason)
-    return ReferenceBackend(device)
+    return ReferenceBackend(device), f"auto: {reason}"
+
+
+def backend_name(backend: AttentionBackend) -> str:
+    return "reference" if isinstance(backend, ReferenceBackend) else "cpu"

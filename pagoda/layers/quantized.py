@@ -22,7 +22,6 @@ from __future__ import annotations
 import ctypes
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -30,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagoda import kernels
-from pagoda.layers.linear import Linear
+from pagoda.layers.linear import Embedding, Linear, WeightShard
+from pagoda.loader.tensors import TensorSource
 
 logger = logging.getLogger("pagoda")
 
@@ -275,17 +275,19 @@ class Int8Linear(QuantizedLinear):
         return out[:, :self.out_features]
 
 
-class Int8Embedding(nn.Module):
+class Int8Embedding(Embedding):
     """Embedding lookups from an Int8Linear's packed rows: the tied LM head's copy of the table serves both,
-    so the fp32 table does not stay in memory. Used where the lookup is exact: a GGUF table stored as Q8_0."""
+    so the fp32 table does not stay in memory. Used where the lookup is exact: a GGUF table stored as Q8_0.
+    Keeps the embedding's vocabulary range (tensor parallelism): the head holds the same rows."""
 
-    def __init__(self, head: Int8Linear):
-        super().__init__()
-        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+    def __init__(self, head: Int8Linear, like: Embedding):
+        nn.Module.__init__(self)
+        self.num_embeddings, self.embedding_dim = like.num_embeddings, head.in_features
+        self.vocab_start, self.vocab_end, self.tp = like.vocab_start, like.vocab_end, like.tp
         self.register_buffer("qweight", head.qweight)  # the head's tensors, shared, not copied
         self.register_buffer("scales", head.scales)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
         tile, row = flat // TILE, flat % TILE
         codes = self.qweight[tile, :, row, :].reshape(len(flat), -1, GROUP)  # [N, K'/32, 32]
@@ -367,6 +369,23 @@ def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name), leaf, module)
 
 
+def _stored_blocks(name: str, module: Linear, sources: dict[str, TensorSource]) -> list[tuple[str, np.ndarray]] | None:
+    """The checkpoint's stored blocks for exactly the slices `module` holds (its shards, in row order), or None
+    when a slice has none (not a GGUF tensor, or cut through blocks)."""
+    shards = module.shards or [WeightShard(name.rpartition(".")[2], 0, 0, module.out_features)]
+    parent = name.rpartition(".")[0]
+    found = []
+    for shard in shards:
+        source_name = shard.source if "." in shard.source else f"{parent}.{shard.source}".lstrip(".")
+        source = sources.get(f"{source_name}.weight")
+        span = (shard.start, shard.stop)
+        raw = None if source is None else source.raw(*((span, None) if shard.dim == 0 else (None, span)))
+        if raw is None:
+            return None
+        found.append(raw)
+    return found
+
+
 def _gguf_linear(module: Linear, shards: list[tuple[str, np.ndarray]], activations: str) -> QuantizedLinear | None:
     """The quantized layer holding exactly the checkpoint's blocks for `module` (shards concatenated along
     N), or None when the shards are not all of one type the kernels take (Q4_1, Q8_0)."""
@@ -380,46 +399,32 @@ def _gguf_linear(module: Linear, shards: list[tuple[str, np.ndarray]], activatio
     return None
 
 
-def quantize_model(model: nn.Module, method: str,
-                   raw_weights: Iterator[tuple[str, str, np.ndarray]] | None = None) -> nn.Module:
-    """Swap the Linear layers of a loaded model, and the LM head (the tied embedding too, as a separate
-    quantized copy: the embedding table stays for lookups), for quantized ones. Returns the model, changed in
-    place.
+def quantize_model(model: nn.Module, method: str, sources: dict[str, TensorSource] | None = None) -> nn.Module:
+    """Swap the Linear layers of a loaded model shard, the LM head included, for quantized ones. Returns the
+    model, changed in place.
 
-    "int8": every layer, requantized. "gguf" / "gguf-a8": each layer whose checkpoint tensors are Q4_1 or Q8_0,
-    with exactly those values (Q4_1 layers rounding x to int16 / int8), and a tied Q8_0 embedding looked up
-    from the LM head's int8 copy; `raw_weights` gives the checkpoint's (HF name, GGML type name, row-major blocks
-    [N, bytes per row]) with llama.cpp's row permutations already undone. Other layers stay in fp32."""
+    "int8": every layer, requantized. "gguf" / "gguf-a8": each layer whose checkpoint slices (the layer's
+    `shards`) are stored as Q4_1 or Q8_0, with exactly those values (Q4_1 layers rounding x to int16 / int8);
+    `sources` are the checkpoint's tensors, which hand out their stored blocks. A tied Q8_0 embedding is then
+    looked up from the LM head's int8 copy. Other layers stay in fp32."""
     check_quantization(method, next(model.parameters()).device)
-    from pagoda.models.llama import STACKED_PARAMS
-
     if method in Q4_ACTIVATIONS:
-        if raw_weights is None:
+        if sources is None:
             raise ValueError(f"quantization {method!r} needs a GGUF checkpoint (its quantized blocks are used as they "
                              "are)")
-        raw = {name: (kind, blocks) for name, kind, blocks in raw_weights}
-        fused_parts = {}  # fused module leaf -> HF leaves in shard order
-        for part, (fused, index) in STACKED_PARAMS.items():
-            fused_parts.setdefault(fused, {})[index] = part
         for name, module in _linears(model):
-            parent, _, leaf = name.rpartition(".")
-            parts = fused_parts.get(leaf, {0: leaf})
-            names = [f"{parent}.{parts[i]}.weight".lstrip(".") for i in sorted(parts)]
-            if all(n in raw for n in names):
-                layer = _gguf_linear(module, [raw[n] for n in names], Q4_ACTIVATIONS[method])
-                if layer is not None:
-                    _swap(model, name, layer)
-        tied = getattr(model, "lm_head", False) is None
-        head = raw.get("model.embed_tokens.weight" if tied else "lm_head.weight")
-        if tied and head is not None and head[0] == "Q8_0":
-            model.lm_head = Int8Linear(model.model.embed_tokens.weight)
+            blocks = _stored_blocks(name, module, sources)
+            layer = None if blocks is None else _gguf_linear(module, blocks, Q4_ACTIVATIONS[method])
+            if layer is not None:
+                _swap(model, name, layer)
+        embed, head = model.model.embed_tokens, getattr(model, "lm_head", None)
+        if (embed is not None and isinstance(head, Int8Linear) and getattr(embed, "weight", None) is not None
+                and model.config.tie_word_embeddings):
             # the Q8_0 values, requantized to themselves: lookups from them are exact; the fp32 table goes
-            model.model.embed_tokens = Int8Embedding(model.lm_head)
+            model.model.embed_tokens = Int8Embedding(head, embed)
     else:
         for name, module in _linears(model):
             _swap(model, name, Int8Linear.from_linear(module))
-        if getattr(model, "lm_head", False) is None:  # tied output projection: compute_logits uses lm_head if set
-            model.lm_head = Int8Linear(model.model.embed_tokens.weight)
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     counts = {cls.__name__: sum(isinstance(m, cls) for m in layers) for cls in (Int8Linear, Q4Linear)}
     logger.info("%s: %s quantized layers (%s), %.0f MiB of weights; %d linear layers left in fp32", method,

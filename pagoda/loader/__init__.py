@@ -1,4 +1,4 @@
-"""Model loading: a GGUF file or a Hugging Face directory → config, weights, tokenizer."""
+"""Model loading: a GGUF file or a Hugging Face directory → config, lazy tensors, tokenizer."""
 
 from __future__ import annotations
 
@@ -6,22 +6,29 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pagoda.config import ModelConfig
+from pagoda.loader.tensors import TensorSource
 
 
 @dataclass
 class Checkpoint:
     path: Path
     config: ModelConfig
-    weights: Callable[[torch.dtype], Iterator[tuple[str, torch.Tensor]]]  # HF names, in the given dtype
+    tensors: Callable[[], Iterator[tuple[str, TensorSource]]]  # HF names; each read by slice on demand
     tokenizer: Tokenizer  # noqa: F821
     rope_freq_factors: torch.Tensor | None = None
-    # GGUF only: the 2-D weights' stored blocks, (HF name, GGML type name, [rows, bytes per row]), for
-    # quantization="gguf"
-    raw_weights: Callable[[], Iterator[tuple[str, str, np.ndarray]]] | None = None
+    is_gguf: bool = False  # its sources hand out stored blocks (TensorSource.raw), for quantization="gguf"
+
+    def sources(self) -> dict[str, TensorSource]:
+        """Name -> source, for random access (the GGUF quantizer). Cheap: nothing is read yet."""
+        return dict(self.tensors())
+
+    def block_size(self) -> int:
+        """The largest quantization block of its tensors (1 for plain float tensors): tensor-parallel splits
+        align to it, so a rank's slice of a quantized tensor is whole blocks."""
+        return max((getattr(s, "block", 1) for _, s in self.tensors()), default=1)
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
@@ -30,16 +37,15 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
         from pagoda.loader.gguf_file import GGUFFile
-        from pagoda.loader.gguf_loader import config_from_gguf, gguf_raw_weights, gguf_weights, rope_freq_factors
+        from pagoda.loader.gguf_loader import config_from_gguf, gguf_tensors, rope_freq_factors
 
         gguf = GGUFFile(path)
         config = config_from_gguf(gguf)
-        return Checkpoint(path, config, lambda dtype: gguf_weights(gguf, config, dtype),
-                          Tokenizer.from_gguf_metadata(gguf.metadata), rope_freq_factors(gguf),
-                          lambda: gguf_raw_weights(gguf, config))
+        return Checkpoint(path, config, lambda: gguf_tensors(gguf, config),
+                          Tokenizer.from_gguf_metadata(gguf.metadata), rope_freq_factors(gguf), is_gguf=True)
     if path.is_dir():
-        from pagoda.loader.hf_loader import hf_weights, read_config
+        from pagoda.loader.hf_loader import hf_tensors, read_config
 
         config = read_config(path)
-        return Checkpoint(path, config, lambda dtype: hf_weights(path, dtype), Tokenizer.from_hf_dir(path))
+        return Checkpoint(path, config, lambda: hf_tensors(path), Tokenizer.from_hf_dir(path))
     raise ValueError(f"{path} is neither a .gguf file nor a Hugging Face model directory")

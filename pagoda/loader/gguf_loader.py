@@ -1,4 +1,4 @@
-"""GGUF → (ModelConfig, Hugging Face-named weights). Tensors are dequantized one at a time, at load.
+"""GGUF → (ModelConfig, Hugging Face-named lazy tensors). Tensors are dequantized slice by slice, at load.
 
 llama.cpp renames every tensor and, for the `llama` architecture, permutes the rows of attn_q / attn_k so
 that its interleaved rotary matches; we undo that permutation and use the rotate-half rotary everywhere.
@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from pagoda.config import ModelConfig
-from pagoda.loader.dequant import dequantize
-from pagoda.loader.gguf_file import GGUFFile, GGUFTensor
+from pagoda.loader.gguf_file import GGUFFile
+from pagoda.loader.tensors import GGUFSource, TensorSource
 
 # GGUF architecture -> HF model_type
 MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
@@ -113,46 +113,18 @@ def gemma3_config(meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _unpermute(w: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Invert llama.cpp's q/k row permutation (interleaved rotary pairs → rotate-half halves)."""
-    rows = w.shape[0]
-    return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-def tensor_to_torch(t: GGUFTensor) -> torch.Tensor:
-    return dequantize(t.data, t.qtype, t.shape)
-
-
-def gguf_weights(gguf: GGUFFile, config: ModelConfig, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def gguf_tensors(gguf: GGUFFile, config: ModelConfig) -> Iterator[tuple[str, TensorSource]]:
+    """Every weight as a lazy source, in HF naming and layout (q/k rows un-permuted, Gemma norms without the 1)."""
     arch = gguf.architecture
     for t in gguf.tensors():
         name = hf_name(t.name, arch)
         if name is None:
             continue
-        w = tensor_to_torch(t)
-        if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
-            w = _unpermute(w, config.num_attention_heads)
-        elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
-            w = _unpermute(w, config.num_key_value_heads)
-        if arch == "gemma3" and name.endswith("norm.weight"):
-            w = w - 1.0
-        yield name, w.to(dtype)
-
-
-def gguf_raw_weights(gguf: GGUFFile, config: ModelConfig) -> Iterator[tuple[str, str, np.ndarray]]:
-    """The 2-D weights as stored: (HF name, GGML type name, blocks [rows, bytes per row]), in HF row order
-    (llama.cpp's q/k row permutation undone on whole rows, which is exact for any block type)."""
-    arch = gguf.architecture
-    for t in gguf.tensors():
-        name = hf_name(t.name, arch)
-        if name is None or len(t.shape) != 2 or not name.endswith(".weight"):
-            continue
-        blocks = t.data
-        heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
-        for proj, num_heads in heads.items():
-            if arch == "llama" and name.endswith(f"{proj}.weight"):
-                blocks = _unpermute(torch.from_numpy(np.array(blocks)), num_heads).numpy()
-        yield name, t.qtype.name, blocks
+        head_rows = None
+        if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
+            head_rows = config.head_dim
+        offset = 1.0 if arch == "gemma3" and name.endswith("norm.weight") else 0.0
+        yield name, GGUFSource(t, head_rows, offset)
 
 
 def rope_freq_factors(gguf: GGUFFile) -> torch.Tensor | None:

@@ -6,10 +6,10 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 
 from pagoda.config import ModelConfig
+from pagoda.loader.tensors import SafetensorsSource, TensorSource
 
 
 def read_config(directory: Path) -> ModelConfig:
@@ -30,11 +30,12 @@ def safetensors_files(directory: Path) -> list[Path]:
     return files
 
 
-def hf_weights(directory: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def hf_tensors(directory: Path) -> Iterator[tuple[str, TensorSource]]:
+    """Every tensor as a lazy source; a file stays open (memory-mapped) while its tensors are handed out."""
     for path in safetensors_files(directory):
-        with safe_open(str(path), framework="pt") as f:  # memory-mapped: tensors are read as they are copied
+        with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
-                yield _canonical_name(name), f.get_tensor(name).to(dtype)
+                yield _canonical_name(name), SafetensorsSource(f, name)
 
 
 def _canonical_name(name: str) -> str:

@@ -1,5 +1,6 @@
 """Gemma 3 (text): Llama-like attention with q/k norms, (1 + w) RMSNorms before and after each block, scaled
-embeddings, a GELU-tanh MLP, and sliding-window layers (local rotary base) between full ones (global base)."""
+embeddings, a GELU-tanh MLP, and sliding-window layers (local rotary base) between full ones (global base).
+Sharded like the Llama family (models/llama.py); the output projection is always tied to the embeddings."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from torch import nn
 
 from pagoda.config import ModelConfig
 from pagoda.layers.common import RMSNorm, RotaryEmbedding
-from pagoda.layers.linear import Embedding
-from pagoda.models.llama import STACKED_PARAMS, LlamaAttention, LlamaMLP, load_fused_weights
+from pagoda.loader.tensors import TensorSource
+from pagoda.models.llama import LlamaAttention, LlamaMLP, LMHead, compute_logits, stage_layers, vocab_embedding
+from pagoda.models.loading import load_sharded_weights
+from pagoda.parallel.shard import ModelShard
 
 
 def layer_types(config: ModelConfig) -> list[str]:
@@ -24,9 +27,9 @@ def layer_types(config: ModelConfig) -> list[str]:
 
 
 class Gemma3Attention(LlamaAttention):
-    def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryEmbedding):
+    def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, shard: ModelShard):
         self.sliding = layer_types(config)[layer_idx] == "sliding_attention"
-        super().__init__(config, layer_idx, rotary)
+        super().__init__(config, layer_idx, rotary, shard)
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, add_unit_offset=True)
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, add_unit_offset=True)
 
@@ -41,14 +44,14 @@ class Gemma3Attention(LlamaAttention):
 
 
 class Gemma3DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryEmbedding):
+    def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, shard: ModelShard):
         super().__init__()
         norm = lambda: RMSNorm(config.hidden_size, config.rms_norm_eps, add_unit_offset=True)
         self.input_layernorm = norm()
-        self.self_attn = Gemma3Attention(config, layer_idx, rotary)
+        self.self_attn = Gemma3Attention(config, layer_idx, rotary, shard)
         self.post_attention_layernorm = norm()
         self.pre_feedforward_layernorm = norm()
-        self.mlp = LlamaMLP(config)
+        self.mlp = LlamaMLP(config, shard)
         self.post_feedforward_layernorm = norm()
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -57,43 +60,56 @@ class Gemma3DecoderLayer(nn.Module):
 
 
 class Gemma3Model(nn.Module):
-    def __init__(self, config: ModelConfig, global_rotary: RotaryEmbedding, local_rotary: RotaryEmbedding):
+    def __init__(self, config: ModelConfig, global_rotary: RotaryEmbedding, local_rotary: RotaryEmbedding,
+                 shard: ModelShard):
         super().__init__()
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = vocab_embedding(config, shard) if shard.layout.is_first_stage else None
         self.embed_scale = config.hidden_size ** 0.5
         types = layer_types(config)
-        self.layers = nn.ModuleList(
-            Gemma3DecoderLayer(config, i, local_rotary if types[i] == "sliding_attention" else global_rotary)
-            for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, add_unit_offset=True)
+        self.layers = stage_layers(shard, lambda i: Gemma3DecoderLayer(
+            config, i, local_rotary if types[i] == "sliding_attention" else global_rotary, shard))
+        last = shard.layout.is_last_stage
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, add_unit_offset=True) if last else None
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
-        hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
-        for layer in self.layers:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
+        if hidden is None:
+            hidden = self.embed_tokens(input_ids)
+            hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
+        for layer in self.layers.values():
             hidden = layer(positions, hidden)
-        return self.norm(hidden)
+        return hidden if self.norm is None else self.norm(hidden)
 
 
 class Gemma3ForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, rope_freq_factors: torch.Tensor | None = None):
+    def __init__(self, config: ModelConfig, rope_freq_factors: torch.Tensor | None = None,
+                 shard: ModelShard | None = None):
         super().__init__()
         if config.extra.get("final_logit_softcapping") or config.extra.get("attn_logit_softcapping"):
             raise ValueError("Gemma 3 checkpoints with logit soft-capping are not supported")
+        if not config.tie_word_embeddings:  # transformers' Gemma 3 configs tie by default
+            config = _tied(config)
+        shard = shard or ModelShard.single(config.num_hidden_layers)
         self.config = config
+        self.shard = shard
         max_pos = config.max_position_embeddings
         self.global_rotary = RotaryEmbedding(config.head_dim, max_pos, config.rope_theta, config.rope_scaling)
         self.local_rotary = RotaryEmbedding(config.head_dim, max_pos, config.extra.get("rope_local_base_freq", 1e4))
-        self.model = Gemma3Model(config, self.global_rotary, self.local_rotary)
-        self.lm_head = None  # Gemma 3 ties its output projection to the embeddings (a quantized copy may be set)
+        self.model = Gemma3Model(config, self.global_rotary, self.local_rotary, shard)
+        self.lm_head = LMHead(config, shard, self.model.embed_tokens) if shard.layout.is_last_stage else None
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, positions)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids, positions, hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.lm_head is not None:
-            return self.lm_head(hidden)
-        return torch.nn.functional.linear(hidden, self.model.embed_tokens.weight)
+        return compute_logits(self, hidden)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        load_fused_weights(self, weights, STACKED_PARAMS)
+    def load_weights(self, tensors: Iterable[tuple[str, TensorSource]]) -> None:
+        load_sharded_weights(self, tensors)
+
+
+def _tied(config: ModelConfig) -> ModelConfig:
+    from dataclasses import replace
+
+    return replace(config, tie_word_embeddings=True)

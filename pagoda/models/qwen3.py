@@ -7,11 +7,12 @@ import torch
 from pagoda.config import ModelConfig
 from pagoda.layers.common import RMSNorm, RotaryEmbedding
 from pagoda.models.llama import LlamaAttention, LlamaForCausalLM
+from pagoda.parallel.shard import ModelShard
 
 
 class Qwen3Attention(LlamaAttention):
-    def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryEmbedding):
-        super().__init__(config, layer_idx, rotary)
+    def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, shard: ModelShard):
+        super().__init__(config, layer_idx, rotary, shard)
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
 

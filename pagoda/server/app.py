@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +34,7 @@ from pagoda.engine.async_engine import (
 )
 from pagoda.engine.llm_engine import EngineConfig, LLMEngine
 from pagoda.engine.outputs import RequestOutput
+from pagoda.parallel.executor import Launch
 from pagoda.sampling_params import SamplingParams, SamplingParamsError
 from pagoda.server import responses as R
 from pagoda.server.metrics import CONTENT_TYPE, ServerMetrics
@@ -53,6 +54,10 @@ class ServerSettings:
     max_waiting: int | None = None  # queued requests beyond which new ones get 503 + Retry-After
     progress: bool = False  # progress bars while loading (the CLI's terminal)
     url: str | None = None  # where clients reach us, for the log line that says we are ready
+    # Called (on the event loop) when the engine has died, e.g. a parallel rank was lost: `pagoda serve` then
+    # stops, so an orchestrator restarts it. None in tests that serve an engine in-process.
+    on_engine_death: Callable[[], None] | None = None
+    launch: Launch | None = None  # how a parallel engine meets its ranks (default: spawned here)
 
     @property
     def model_name(self) -> str:
@@ -125,17 +130,23 @@ def create_app(settings: ServerSettings, engine: LLMEngine | None = None) -> Fas
     async def lifespan(app: FastAPI):
         loop = asyncio.get_running_loop()
 
+        def on_dead(error: BaseException) -> None:
+            if settings.on_engine_death is not None:
+                logger.error("the engine died (%s): stopping the server", error)
+                # a moment for the failed streams to send their error events
+                loop.call_soon_threadsafe(loop.call_later, 1.0, settings.on_engine_death)
+
         def serve(llm_engine: LLMEngine) -> None:
             async_engine = AsyncEngine(llm_engine, max_waiting=settings.max_waiting,
-                                       step_listener=state.metrics.on_step)
+                                       step_listener=state.metrics.on_step, on_dead=on_dead)
             async_engine.start()
             state.engine = async_engine
             logger.info("ready: serving %s%s", settings.model_name, f" at {settings.url}" if settings.url else "")
 
         def load() -> None:
             try:
-                llm_engine = LLMEngine(settings.engine, progress=settings.progress)
-            except BaseException as exc:
+                llm_engine = LLMEngine(settings.engine, progress=settings.progress, launch=settings.launch)
+            except BaseException as exc:  # reported by /health and every route
                 logger.exception("loading %s failed", settings.engine.model)
                 state.load_error = exc
                 return
@@ -179,6 +190,14 @@ def create_app(settings: ServerSettings, engine: LLMEngine | None = None) -> Fas
     @app.get("/version")
     async def version() -> dict[str, str]:
         return {"version": pagoda.__version__}
+
+    @app.get("/v1/engine")
+    async def engine_info() -> dict[str, Any]:
+        """The execution plan of every rank: what "auto" resolved to on this host, and the parallel layout."""
+        engine = state.ready_engine().engine
+        return {"model": settings.model_name, "max_model_len": engine.max_model_len,
+                "kv_cache_blocks": engine.kv_layout.num_blocks, "block_size": engine.kv_layout.block_size,
+                "ranks": [plan.as_dict() for plan in engine.plans]}
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -336,7 +355,7 @@ async def _merged(engine: AsyncEngine, jobs: list[_Job], timeout: float | None
                                              prompt_text=job.prompt_text, timeout=timeout):
                 queue.put_nowait((index, out))
             queue.put_nowait((index, done))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer
             queue.put_nowait((index, exc))
 
     tasks = [asyncio.ensure_future(pump(i, job)) for i, job in enumerate(jobs)]
@@ -516,7 +535,7 @@ async def _stream(engine: AsyncEngine, formatter: _Formatter, timeout: float | N
         if include_usage:
             yield R.sse({**formatter.ids.base(formatter.chunk_object), "choices": [],
                          "usage": R.usage_of([finals[j] for j in sorted(finals)])})
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the status line is sent already: report in-band
         error = api_error_from(exc)
         yield R.sse(R.error_body(error.message, error.type, error.param, error.code))
     yield R.SSE_DONE

@@ -151,7 +151,7 @@ class _TemplateDict:
 class _Namespace(jinja2.utils.Namespace):
     """Jinja's namespace, refusing underscore-prefixed names so templates cannot shadow internals."""
 
-    def __init__(*args, **kwargs):
+    def __init__(*args, **kwargs):  # same signature trick as jinja2.utils.Namespace
         self, args = args[0], args[1:]
         attrs = dict(*args, **kwargs)
         for name in attrs:

@@ -1,4 +1,9 @@
-"""Sizes the KV cache from a memory budget and allocates it: one tensor, one view per layer."""
+"""Sizes the KV cache from a memory budget and allocates it: one tensor, one view per layer.
+
+With parallelism each rank holds its layers' keys and values for its KV heads, in the same blocks: the budget is
+per rank, and the block count is the one every rank can afford (the ranks' shares may differ when heads or
+layers do not split evenly), so one block table serves them all.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from pagoda.config import CacheConfig, ModelConfig
+from pagoda.parallel.layout import ParallelConfig, RankLayout, partition_heads, rank_layout
 
 KV_CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -27,10 +33,19 @@ def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype, device: torch.de
     return torch.float16 if device.type == "cpu" and model_dtype == torch.float32 else model_dtype
 
 
-def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
-    """Keys and values of one token across all layers."""
+def kv_shape(config: ModelConfig, layout: RankLayout | None = None) -> tuple[int, int]:
+    """(layers, KV heads) of a rank's cache (the whole model's without a layout)."""
+    if layout is None:
+        return config.num_hidden_layers, config.num_key_value_heads
+    heads = partition_heads(config.num_attention_heads, config.num_key_value_heads, layout.tp_size)
+    return layout.num_layers, heads[layout.tp_rank].num_kv_heads
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype, layout: RankLayout | None = None) -> int:
+    """Keys and values of one token across a rank's layers (all layers without a layout)."""
     element = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * element
+    layers, kv_heads = kv_shape(config, layout)
+    return 2 * layers * kv_heads * config.head_dim * element
 
 
 @dataclass(frozen=True)
@@ -53,8 +68,12 @@ class KVCacheLayout:
         return self.num_blocks / blocks_per_request
 
 
-def plan_kv_cache(config: ModelConfig, cache: CacheConfig, dtype: torch.dtype) -> KVCacheLayout:
-    per_token = kv_bytes_per_token(config, dtype)
+def plan_kv_cache(config: ModelConfig, cache: CacheConfig, dtype: torch.dtype,
+                  parallel: ParallelConfig | None = None) -> KVCacheLayout:
+    """Blocks that fit `cache.kv_cache_memory` on every rank; bytes_per_token is the largest rank's share."""
+    parallel = parallel or ParallelConfig()
+    per_token = max(kv_bytes_per_token(config, dtype, rank_layout(parallel, r, config.num_hidden_layers))
+                    for r in range(parallel.world_size))
     num_blocks = cache.kv_cache_memory // (per_token * cache.block_size)
     if num_blocks < 1:
         raise ValueError(
@@ -64,8 +83,8 @@ def plan_kv_cache(config: ModelConfig, cache: CacheConfig, dtype: torch.dtype) -
 
 
 def allocate_kv_cache(layout: KVCacheLayout, config: ModelConfig, dtype: torch.dtype,
-                      device: torch.device) -> list[torch.Tensor]:
-    """Zeroed (masked slots must hold finite values), shaped [2, num_slots, Hkv, D] per layer."""
-    cache = torch.zeros(config.num_hidden_layers, 2, layout.num_tokens, config.num_key_value_heads,
-                        config.head_dim, dtype=dtype, device=device)
+                      device: torch.device, rank: RankLayout | None = None) -> list[torch.Tensor]:
+    """Zeroed (masked slots must hold finite values), shaped [2, num_slots, Hkv, D] per layer of the rank."""
+    layers, kv_heads = kv_shape(config, rank)
+    cache = torch.zeros(layers, 2, layout.num_tokens, kv_heads, config.head_dim, dtype=dtype, device=device)
     return list(cache.unbind(0))

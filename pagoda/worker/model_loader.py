@@ -1,4 +1,6 @@
-"""Builds a ready model from a checkpoint path: weights loaded in the chosen dtype, KV cache allocated."""
+"""Builds one rank's ready model from a checkpoint: its shard of the weights in the chosen format, its share of
+the KV cache, the attention backend, the native stack when it can run, and the ExecutionPlan that records it all.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +12,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pagoda.config import CacheConfig, ModelConfig
-from pagoda.layers import native_stack
+from pagoda import kernels
+from pagoda.config import EngineConfig, ModelConfig
+from pagoda.execution_plan import ExecutionPlan
 from pagoda.layers.attention import AttentionBackend
-from pagoda.layers.attention_select import create_backend
+from pagoda.layers.attention_select import backend_name, create_backend
 from pagoda.layers.quantized import check_quantization, quantize_model, resolve_quantization
-from pagoda.loader import open_checkpoint
+from pagoda.loader import Checkpoint, open_checkpoint
+from pagoda.models import native_stack
 from pagoda.models.registry import model_class
+from pagoda.parallel.comm import TPGroup
+from pagoda.parallel.layout import RankLayout
+from pagoda.parallel.shard import ModelShard
 from pagoda.worker.kv_cache import KVCacheLayout, allocate_kv_cache, plan_kv_cache, resolve_kv_cache_dtype
 
 logger = logging.getLogger("pagoda")
@@ -30,6 +37,8 @@ class LoadedModel:
     kv_layout: KVCacheLayout
     kv_caches: list[torch.Tensor]
     backend: AttentionBackend
+    native_stack: native_stack.NativeStack | None
+    plan: ExecutionPlan
 
 
 @contextmanager
@@ -42,28 +51,54 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-def build_model(checkpoint, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def build_model(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device,
+                shard: ModelShard | None = None) -> nn.Module:
+    """The model (its shard on a parallel rank) with its weights read from the checkpoint."""
     cls = model_class(checkpoint.config)
     with torch.device(device), _default_dtype(dtype):
-        model = cls(checkpoint.config, checkpoint.rope_freq_factors)
-    model.load_weights(checkpoint.weights(dtype))
+        model = cls(checkpoint.config, checkpoint.rope_freq_factors, shard)
+    model.load_weights(checkpoint.tensors())
     return model.eval()
 
 
-def load_model(path: Path, dtype: torch.dtype, device: torch.device, cache: CacheConfig,
-               progress: bool = False, attention_backend: str = "auto",
-               quantization: str | None = "auto") -> LoadedModel:
-    kv_dtype = resolve_kv_cache_dtype(cache.kv_cache_dtype, dtype, device)
-    backend = create_backend(attention_backend, device, kv_dtype)  # first: a bad choice fails before any loading
-    if quantization != "auto":
-        check_quantization(quantization, device)  # a bad choice fails before any loading
+def load_model(path: Path, config: EngineConfig, rank: RankLayout | None = None, tp: TPGroup | None = None,
+               progress: bool = False) -> LoadedModel:
+    device = torch.device(config.device)
+    dtype = config.torch_dtype
+    kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype, device)
+    # first: a bad choice fails before any loading
+    backend, attention_reason = create_backend(config.attention_backend, device, kv_dtype)
+    if config.quantization != "auto":
+        check_quantization(config.quantization, device)
     checkpoint = open_checkpoint(path)
-    quantization = resolve_quantization(quantization, device, dtype, checkpoint.raw_weights is not None)
-    model = build_model(checkpoint, dtype, device)
+    rank = rank or RankLayout.single(checkpoint.config.num_hidden_layers)
+    quantization = resolve_quantization(config.quantization, device, dtype, checkpoint.is_gguf)
+    # Split boundaries of a sharded model fall on whole quantization blocks of its tensors.
+    shard = ModelShard(rank, tp or TPGroup(), align=max(32, checkpoint.block_size()))
+    model = build_model(checkpoint, dtype, device, shard)
     if quantization is not None:
-        quantize_model(model, quantization, checkpoint.raw_weights() if checkpoint.raw_weights else None)
-    layout = plan_kv_cache(checkpoint.config, cache, kv_dtype)
-    kv_caches = allocate_kv_cache(layout, checkpoint.config, kv_dtype, device)
-    if quantization is not None:
-        native_stack.attach(model, kv_caches, backend)
-    return LoadedModel(model, checkpoint.config, checkpoint.tokenizer, layout, kv_caches, backend)
+        quantize_model(model, quantization, checkpoint.sources() if checkpoint.is_gguf else None)
+    kv_layout = plan_kv_cache(checkpoint.config, config.cache, kv_dtype, config.parallel)
+    kv_caches = allocate_kv_cache(kv_layout, checkpoint.config, kv_dtype, device, rank)
+    stack, stack_reason = native_stack.build(model, kv_caches, backend)
+    attention = next(m for m in model.modules() if hasattr(m, "num_kv_heads") and hasattr(m, "qkv_proj"))
+    plan = ExecutionPlan(
+        device=str(device), dtype=str(dtype).removeprefix("torch."),
+        kv_cache_dtype=str(kv_dtype).removeprefix("torch."), quantization=quantization,
+        attention_backend=backend_name(backend), attention_reason=attention_reason,
+        native_stack=stack is not None, native_stack_reason=stack_reason, kernel_isa=kernels.host_isa(),
+        threads=torch.get_num_threads(), tensor_parallel_size=rank.tp_size, pipeline_parallel_size=rank.pp_size,
+        rank=rank.rank, tp_rank=rank.tp_rank, pp_rank=rank.pp_rank, layers=(rank.layer_start, rank.layer_end),
+        num_heads=attention.num_heads, num_kv_heads=attention.num_kv_heads,
+        weight_bytes=sum(t.nbytes for t in _unique_tensors(model)),
+        kv_cache_bytes=sum(c.nbytes for c in kv_caches), kv_cache_blocks=kv_layout.num_blocks,
+        kv_bytes_per_token=sum(c[0, 0].nbytes for c in kv_caches) * 2)
+    logger.info("execution plan: %s", plan.summary())
+    return LoadedModel(model, checkpoint.config, checkpoint.tokenizer, kv_layout, kv_caches, backend, stack, plan)
+
+
+def _unique_tensors(model: nn.Module) -> list[torch.Tensor]:
+    seen: dict[int, torch.Tensor] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        seen.setdefault(t.data_ptr(), t)
+    return list(seen.values())

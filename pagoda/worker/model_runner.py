@@ -1,74 +1,71 @@
-"""ModelRunner: SchedulerOutput → one flattened batch → model → sampler → ModelRunnerOutput.
+"""ModelRunner: one rank's step: StepInput → model (native stack or torch modules) → sampler → ModelRunnerOutput.
 
-The batch has no padding: the scheduled tokens of all requests are concatenated, decodes first. The runner
-never decides who runs; it only turns the scheduler's decision into tensors.
+The runner never decides who runs; it only turns the scheduler's decision into tensors. On a pipeline stage that
+is not the last it returns the hidden states for the next stage instead of sampling; on a tensor-parallel rank
+other than the first of the last stage it joins the logits gather and returns nothing (rank 0 of the stage
+samples).
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
 from pagoda.config import ModelConfig
-from pagoda.core.outputs import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from pagoda.core.outputs import ModelRunnerOutput, SchedulerOutput
 from pagoda.layers.attention import Attention, AttentionBackend, BatchLayout, ForwardContext, forward_context
 from pagoda.worker.sampler import Sampler, SamplingBatch
+from pagoda.worker.step_input import StepInput, build_step_input
 
 
 class ModelRunner:
     def __init__(self, model: nn.Module, config: ModelConfig, kv_caches: list[torch.Tensor], block_size: int,
-                 backend: AttentionBackend, device: torch.device):
+                 backend: AttentionBackend, device: torch.device, native_stack=None):
+        """`native_stack` (models/native_stack.py), when given, runs the steps it serves instead of the torch
+        modules."""
         self.model = model
         self.config = config
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.backend = backend
         self.device = device
+        self.native_stack = native_stack
         self.sampler = Sampler()
         self.windows = {m.sliding_window for m in model.modules() if isinstance(m, Attention)}
-
-    def _layout(self, requests: list[ScheduledRequest]) -> tuple[BatchLayout, np.ndarray, np.ndarray]:
-        """Token ids, positions, slot mapping, query offsets, context lengths and block tables of the batch."""
-        bs = self.block_size
-        n = len(requests)
-        counts = np.fromiter((r.num_tokens for r in requests), dtype=np.int64, count=n)
-        query_start = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(counts, out=query_start[1:])
-        total = int(query_start[-1])
-        max_blocks = max(len(r.block_ids) for r in requests)
-        block_tables = np.zeros((n, max_blocks), dtype=np.int64)
-        context_lens = np.empty(n, dtype=np.int64)
-        input_ids = np.empty(total, dtype=np.int64)
-        positions = np.empty(total, dtype=np.int64)
-        for i, r in enumerate(requests):
-            block_tables[i, : len(r.block_ids)] = r.block_ids
-            context_lens[i] = r.end
-            s, e = query_start[i], query_start[i + 1]
-            input_ids[s:e] = r.token_ids[r.start:r.end]
-            positions[s:e] = np.arange(r.start, r.end)
-        row = np.repeat(np.arange(n), counts)
-        slot_mapping = block_tables[row, positions // bs] * bs + positions % bs
-        num_decodes = int(np.searchsorted(counts > 1, True)) if n else 0  # decodes come first
-        layout = BatchLayout(query_start, context_lens, block_tables, num_decodes, bs,
-                             torch.from_numpy(slot_mapping).to(self.device))
-        return layout, input_ids, positions
+        shard = getattr(model, "shard", None)
+        self.is_last_stage = shard is None or shard.layout.is_last_stage
+        self.samples = shard is None or shard.tp_rank == 0  # the last stage's first TP rank samples
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        # Decodes first (stable), so attention can batch them; sampling rows follow this order too.
-        requests = sorted(scheduler_output.requests, key=lambda r: r.num_tokens > 1)
-        layout, input_ids, positions = self._layout(requests)
+        """The whole step on a single rank."""
+        return self.run(build_step_input(scheduler_output, self.block_size))
+
+    @torch.inference_mode()
+    def run(self, step: StepInput, hidden: torch.Tensor | None = None) -> ModelRunnerOutput | torch.Tensor | None:
+        """Run this rank's part of a step. `hidden`: the previous pipeline stage's output. Returns the
+        ModelRunnerOutput (on the rank that samples), the hidden states (before the last stage), or None."""
+        layout = BatchLayout(step.query_start, step.context_lens, step.block_tables, step.num_decodes,
+                             self.block_size, torch.from_numpy(step.slot_mapping).to(self.device))
         metadata = self.backend.build_metadata(layout, self.windows)
+        input_ids = torch.from_numpy(step.input_ids).to(self.device)
+        positions = torch.from_numpy(step.positions).to(self.device)
+        stack = self.native_stack
         with forward_context(ForwardContext(self.backend, metadata, self.kv_caches)):
-            hidden = self.model(torch.from_numpy(input_ids).to(self.device),
-                                torch.from_numpy(positions).to(self.device))
-        sampling = [i for i, r in enumerate(requests) if r.sample]
+            if stack is not None and (stack.max_tokens is None or step.num_tokens <= stack.max_tokens):
+                out = stack(input_ids, positions, hidden)
+            else:
+                out = self.model(input_ids, positions, hidden)
+        if not self.is_last_stage:
+            return out
+        sampling = step.sampling_rows
         if not sampling:
-            return ModelRunnerOutput(sampled_token_ids={})
-        last_token = torch.from_numpy(layout.query_start[1:][sampling] - 1).to(self.device)
-        logits = self.model.compute_logits(hidden[last_token])
-        sampled_requests = [requests[i] for i in sampling]
+            return ModelRunnerOutput(sampled_token_ids={}) if self.samples else None
+        last_token = torch.from_numpy(step.query_start[1:][sampling] - 1).to(self.device)
+        logits = self.model.compute_logits(out[last_token])  # the whole vocabulary on every TP rank
+        if not self.samples:
+            return None
+        sampled_requests = [step.requests[i] for i in sampling]
         batch = SamplingBatch.build(sampled_requests, logits.shape[-1], self.device)
         tokens, logprobs = self.sampler(logits, batch)
         return ModelRunnerOutput(

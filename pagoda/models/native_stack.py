@@ -10,7 +10,12 @@ up to fp32 rounding order (tests/test_native_stack.py).
 
 It applies when every piece has a native twin: Llama-layout layers (SiLU MLP, no projection bias, optional
 Qwen3 head norms), quantized linear layers (int8 or q4, K a multiple of 32), rotate-half rotary, the native
-attention backend and an fp32 KV cache. `attach` says why not otherwise, and the model keeps running on torch.
+attention backend and an fp32 or fp16 KV cache. `attach` says why not otherwise, and the model keeps running on
+torch.
+
+On a tensor-parallel rank it runs that rank's shard (its heads, its MLP slice) and sums the o / down projections
+over the group through a callback into torch.distributed; on a pipeline stage, its layers (the first stage
+embeds, the last one applies the final norm).
 """
 
 from __future__ import annotations
@@ -41,11 +46,14 @@ class _Layer(ctypes.Structure):
                 ("o", _QLinear), ("gate_up", _QLinear), ("down", _QLinear), ("kv_cache", _P), ("window", _I64)]
 
 
+_ALL_REDUCE = ctypes.CFUNCTYPE(None, ctypes.POINTER(ctypes.c_float), _I64)
+
+
 class _Stack(ctypes.Structure):
     _fields_ = [("num_layers", _I64), ("hidden", _I64), ("heads", _I64), ("kv_heads", _I64), ("head_dim", _I64),
                 ("intermediate", _I64), ("num_slots", _I64), ("kv_dtype", _I64), ("eps", _F32), ("scale", _F32),
-                ("cos", _P),
-                ("sin", _P), ("final_norm", _P), ("layers", ctypes.POINTER(_Layer))]
+                ("cos", _P), ("sin", _P), ("final_norm", _P), ("layers", ctypes.POINTER(_Layer)),
+                ("all_reduce", _ALL_REDUCE)]
 
 
 class _Batch(ctypes.Structure):
@@ -82,7 +90,7 @@ def unsupported_reason(model: nn.Module, kv_caches: list[torch.Tensor], backend)
         return "the MLP is not SiLU-gated or the attention projections have a bias"
     if config.head_dim % 2:
         return "the head dimension is odd"
-    for layer in model.model.layers:
+    for layer in model.model.layers.values():
         for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
             if not isinstance(linear, QuantizedLinear):
                 return "not every linear layer is quantized (use quantization='int8' or 'gguf')"
@@ -98,11 +106,12 @@ class NativeStack:
         self.lib = _load_kernel()
         config = model.config
         inner = model.model
-        self.embed = inner.embed_tokens
+        self.embed = inner.embed_tokens  # None after the first pipeline stage
         rotary = model.rotary
         self._keep = [rotary.cos.contiguous(), rotary.sin.contiguous()]  # the pointers below point into these
-        layers = (_Layer * len(inner.layers))()
-        for i, (layer, cache) in enumerate(zip(inner.layers, kv_caches)):
+        decoder = list(inner.layers.values())
+        layers = (_Layer * len(decoder))()
+        for i, (layer, cache) in enumerate(zip(decoder, kv_caches)):
             attn = layer.self_attn
             norms = [getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)]
             layers[i] = _Layer(layer.input_layernorm.weight.data_ptr(),
@@ -111,22 +120,31 @@ class NativeStack:
                                _qlinear(attn.qkv_proj), _qlinear(attn.o_proj), _qlinear(layer.mlp.gate_up_proj),
                                _qlinear(layer.mlp.down_proj), cache.data_ptr(), attn.attn.sliding_window or 0)
         self._layers = layers
-        self.stack = _Stack(len(inner.layers), config.hidden_size, config.num_attention_heads,
-                            config.num_key_value_heads, config.head_dim, config.intermediate_size,
-                            kv_caches[0].shape[1], KV_DTYPES[kv_caches[0].dtype], config.rms_norm_eps,
-                            inner.layers[0].self_attn.attn.scale,
-                            self._keep[0].data_ptr(), self._keep[1].data_ptr(), inner.norm.weight.data_ptr(), layers)
+        first = decoder[0].self_attn
+        tp = model.shard.tp
+        # The callback must outlive every call: kept on self.
+        self._all_reduce = _ALL_REDUCE(_tp_all_reduce(tp)) if tp.size > 1 else _ALL_REDUCE()
+        final_norm = inner.norm.weight.data_ptr() if inner.norm is not None else None
+        self.stack = _Stack(len(decoder), config.hidden_size, first.num_heads, first.num_kv_heads,
+                            config.head_dim, decoder[0].mlp.intermediate_size, kv_caches[0].shape[1],
+                            KV_DTYPES[kv_caches[0].dtype], config.rms_norm_eps, first.attn.scale,
+                            self._keep[0].data_ptr(), self._keep[1].data_ptr(), final_norm, layers,
+                            self._all_reduce)
         self._stack_ref = ctypes.byref(self.stack)
         limits = [m.kernel_max_rows for m in model.model.modules() if isinstance(m, QuantizedLinear)]
         # the largest step it serves; None: every step
         self.max_tokens = None if all(x is None for x in limits) else min(x for x in limits if x is not None)
 
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                 hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """`hidden`: the previous pipeline stage's output (None: embed `input_ids`)."""
         md = get_forward_context().metadata
         if not isinstance(md, CpuMetadata):
             raise TypeError("the native stack runs with the native attention backend's metadata")
         positions = positions.to(torch.int64).contiguous()
-        h = self.embed(input_ids).to(torch.float32).contiguous()
+        h = (self.embed(input_ids) if hidden is None else hidden).to(torch.float32).contiguous()
+        if hidden is not None:
+            h = h.clone()  # the stack updates the residual stream in place
         out = torch.empty_like(h)
         batch = _Batch(md.num_tokens, positions.data_ptr(), md.slots_ptr, md.tables_ptr, md.table_stride,
                        md.lens_ptr, md.starts_ptr, md.num_decodes, md.num_requests, md.block_size)
@@ -135,18 +153,24 @@ class NativeStack:
         return out
 
 
-def attach(model: nn.Module, kv_caches: list[torch.Tensor], backend) -> NativeStack | None:
-    """Give the model a native stack for small steps when it can run one (logged either way)."""
+def _tp_all_reduce(tp):
+    """The C callback body: sum n floats at `data` over the TP group, in place."""
+
+    def all_reduce(data, n: int) -> None:
+        buffer = (ctypes.c_float * n).from_address(ctypes.addressof(data.contents))
+        tp.all_reduce(torch.frombuffer(buffer, dtype=torch.float32))
+
+    return all_reduce
+
+
+def build(model: nn.Module, kv_caches: list[torch.Tensor], backend) -> tuple[NativeStack | None, str]:
+    """A native stack for the model when it can run one, and the reason for the choice (for the execution plan)."""
     reason = unsupported_reason(model, kv_caches, backend)
-    if reason is None:
-        try:
-            model.native_stack = NativeStack(model, kv_caches)
-        except kernels.KernelBuildError as exc:
-            reason = f"the kernel did not build ({str(exc).splitlines()[0]})"
-        else:
-            limit = model.native_stack.max_tokens
-            logger.info("decoder stack: native for %s", "every step" if limit is None else
-                        f"steps of up to {limit} tokens, torch above")
-            return model.native_stack
-    logger.info("decoder stack: torch (%s)", reason)
-    return None
+    if reason is not None:
+        return None, reason
+    try:
+        stack = NativeStack(model, kv_caches)
+    except kernels.KernelBuildError as exc:
+        return None, f"the kernel did not build ({str(exc).splitlines()[0]})"
+    limit = stack.max_tokens
+    return stack, "every step" if limit is None else f"steps of up to {limit} tokens, torch above"
