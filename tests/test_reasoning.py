@@ -263,6 +263,16 @@ def test_stop_string_and_length_inside_the_reasoning(http, tiny_qwen3):
                       {"reasoning_content": " should", "reasoning": " should"}]
 
 
+def test_reasoning_sent_back_reaches_the_template(http, tiny_qwen3):
+    message = chat(http, tiny_qwen3)["choices"][0]["message"]
+    for key in ("reasoning_content", "reasoning"):
+        turn = {"role": "assistant", "content": message["content"], key: message[key]}
+        ids = http.post("/tokenize", json={"messages": [*MESSAGES, turn, {"role": "user", "content": "Why?"}]}
+                        ).json()["tokens"]
+        prompt = http.post("/detokenize", json={"tokens": ids}).json()["prompt"]
+        assert "<|im_start|>assistant\n<think>\nI should plan.\n</think>\n\n\n\nThe answer is 42." in prompt
+
+
 def test_completions_are_raw_text(http, tiny_qwen3):
     prompt = render_chat_template(CHAT_TEMPLATE, MESSAGES, add_generation_prompt=True)
     body = http.post("/v1/completions", json={"prompt": prompt, "temperature": 0, "max_tokens": 30}).json()
