@@ -47,6 +47,7 @@ CHAT_TEMPLATE = """\
 {%- endif %}
 """
 
+
 def _byte_chars() -> list[str]:
     """GPT-2's printable stand-in for each byte value, in byte order."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -75,10 +76,6 @@ class TinyQwen3:
 
     def text(self, script: str) -> str:
         return "".join(self.texts(script))
-
-    @property
-    def eos_id(self) -> int:
-        return self.ids["<|im_end|>"]
 
 
 def build_tiny_qwen3(directory: Path, seed: int = 0) -> TinyQwen3:
