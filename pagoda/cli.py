@@ -152,7 +152,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     settings = ServerSettings(engine=config, served_model_name=args.served_model_name,
                               api_key=api_key, request_timeout=args.request_timeout, max_waiting=args.max_waiting,
-                              progress=True, url=url, launch=launch.executor_launch if launch else None)
+                              progress=True, url=url, reasoning_parser=args.reasoning_parser,
+                              launch=launch.executor_launch if launch else None)
     app = create_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                            access_log=args.access_log, timeout_keep_alive=30))
@@ -275,6 +276,8 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pagoda.tokenizer.reasoning import REASONING_PARSER_CHOICES
+
     parser = argparse.ArgumentParser(prog="pagoda", description="An LLM serving engine for CPUs.")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -310,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", type=float, default=None,
                    help="seconds a request may take before it is aborted (default: no limit)")
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    p.add_argument("--reasoning-parser", default="auto", choices=REASONING_PARSER_CHOICES,
+                   help="split <think>...</think> from chat answers into reasoning_content: qwen3, none, or auto "
+                        "(default): qwen3 when the chat template has think tags or enable_thinking")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("chat", help="interactive chat in the terminal, on a local engine or a server (--url)")

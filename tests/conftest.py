@@ -77,3 +77,22 @@ def server(smollm_gguf, tmp_path_factory):
                          log_dir=tmp_path_factory.mktemp("server")).start()
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory):
+    """A tiny random-weight Qwen3 with think tags whose greedy output follows scripts (tests/tiny_qwen3.py)."""
+    from tests.tiny_qwen3 import build_tiny_qwen3
+
+    return build_tiny_qwen3(tmp_path_factory.mktemp("tiny-qwen3") / "model")
+
+
+@pytest.fixture(scope="session")
+def qwen3_server(tiny_qwen3, tmp_path_factory):
+    """`pagoda serve` on the tiny Qwen3 (no API key, reasoning parser detected from its chat template)."""
+    from tests.servers import ServerProcess
+
+    proc = ServerProcess(tiny_qwen3.directory, "--served-model-name", "tiny-qwen3", "--kv-cache-memory", "64MiB",
+                         log_dir=tmp_path_factory.mktemp("qwen3-server")).start()
+    yield proc
+    proc.stop()

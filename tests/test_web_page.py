@@ -1,5 +1,6 @@
 """The chat page at GET /, in headless Chromium (Debian's /usr/bin/chromium driven by Playwright): it loads with
-no network but the server, streams an answer, shows tokens per second, and the answer is visible on screen."""
+no network but the server, streams an answer, shows tokens per second, and the answer is visible on screen; a
+thinking model's reasoning is shown collapsed above its answer."""
 
 from __future__ import annotations
 
@@ -72,4 +73,27 @@ def test_chat_page_reports_errors(server, browser):
     page.click("#send")
     page.wait_for_selector(".msg.error", timeout=30_000)
     assert "Incorrect API key" in page.locator(".msg.error").inner_text()
+    page.close()
+
+
+def test_chat_page_shows_reasoning_collapsed_above_the_answer(qwen3_server, browser):
+    page = browser.new_page()
+    page.goto(qwen3_server.url + "/")
+    page.wait_for_function("document.getElementById('model').textContent === 'tiny-qwen3'")
+    page.fill("#temperature", "0")
+    page.fill("#prompt", "What is 6 times 7?")
+    page.click("#send")
+    page.wait_for_selector(".msg.assistant[data-state=done]", timeout=60_000)
+    answer = page.locator(".msg.assistant").last
+    assert answer.locator("span").inner_text() == "The answer is 42."  # no think text in the answer
+    details = answer.locator("details.reasoning")
+    assert details.count() == 1
+    assert details.evaluate("(d) => d.nextElementSibling.tagName") == "SPAN"  # above the answer
+    assert details.get_attribute("open") is None  # collapsed
+    assert details.locator("summary").inner_text() == "Reasoning"
+    assert not details.locator("div").is_visible()
+    details.locator("summary").click()
+    assert details.locator("div").is_visible()
+    assert details.locator("div").inner_text() == "I should plan."
+    assert page.locator(".msg.error").count() == 0
     page.close()

@@ -37,8 +37,10 @@ from pagoda.engine.outputs import RequestOutput
 from pagoda.parallel.executor import Launch
 from pagoda.sampling_params import SamplingParams, SamplingParamsError
 from pagoda.server import responses as R
+from pagoda.server.chat_reasoning import ChatReasoning
 from pagoda.server.metrics import CONTENT_TYPE, ServerMetrics
 from pagoda.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from pagoda.tokenizer.reasoning import REASONING_PARSER_CHOICES, ReasoningParser, resolve_reasoning_parser
 
 logger = logging.getLogger("pagoda.server")
 
@@ -58,6 +60,12 @@ class ServerSettings:
     # stops, so an orchestrator restarts it. None in tests that serve an engine in-process.
     on_engine_death: Callable[[], None] | None = None
     launch: Launch | None = None  # how a parallel engine meets its ranks (default: spawned here)
+    reasoning_parser: str = "auto"  # "qwen3", "none", or "auto": qwen3 if the chat template has think tags
+
+    def __post_init__(self) -> None:
+        if self.reasoning_parser not in REASONING_PARSER_CHOICES:
+            raise ValueError(f"unknown reasoning parser {self.reasoning_parser!r}; choose one of "
+                             f"{', '.join(REASONING_PARSER_CHOICES)}")
 
     @property
     def model_name(self) -> str:
@@ -101,6 +109,7 @@ class ServerState:
     settings: ServerSettings
     metrics: ServerMetrics
     engine: AsyncEngine | None = None
+    reasoning_parser: ReasoningParser | None = None  # resolved once the model (its chat template) is loaded
     load_error: BaseException | None = None
     started: float = field(default_factory=time.time)
 
@@ -137,6 +146,10 @@ def create_app(settings: ServerSettings, engine: LLMEngine | None = None) -> Fas
                 loop.call_soon_threadsafe(loop.call_later, 1.0, settings.on_engine_death)
 
         def serve(llm_engine: LLMEngine) -> None:
+            state.reasoning_parser, why = resolve_reasoning_parser(settings.reasoning_parser,
+                                                                   llm_engine.tokenizer.chat_template)
+            logger.info("reasoning parser: %s (%s)", state.reasoning_parser.name if state.reasoning_parser
+                        else "none", why)
             async_engine = AsyncEngine(llm_engine, max_waiting=settings.max_waiting,
                                        step_listener=state.metrics.on_step, on_dead=on_dead)
             async_engine.start()
@@ -261,7 +274,10 @@ def create_app(settings: ServerSettings, engine: LLMEngine | None = None) -> Fas
         prompt_ids = engine.tokenizer.encode(text, add_special_tokens=False)
         _, prompt_ids = engine.prepare(prompt_ids, params)
         jobs = [_Job(engine.new_request_id("chatcmpl"), None, prompt_ids, params)]
-        return await _respond(request, engine, body.stream, _ChatFormatter(engine, body, jobs),
+        parser = state.reasoning_parser
+        reasoning = None if parser is None else ChatReasoning(
+            parser, parser.start_of(text, body.template_kwargs().get("enable_thinking")))
+        return await _respond(request, engine, body.stream, _ChatFormatter(engine, body, jobs, reasoning),
                               settings.request_timeout)
 
     return app
@@ -462,20 +478,30 @@ class _CompletionFormatter(_Formatter):
 class _ChatFormatter(_Formatter):
     chunk_object = "chat.completion.chunk"
 
-    def __init__(self, engine: AsyncEngine, body: ChatCompletionRequest, jobs: list[_Job]):
+    def __init__(self, engine: AsyncEngine, body: ChatCompletionRequest, jobs: list[_Job],
+                 reasoning: ChatReasoning | None = None):
         super().__init__(engine, body, jobs, "chatcmpl")
+        self.reasoning = reasoning
+        # With a reasoning split, the logprobs of tokens whose text is held back (part of a tag) wait for the
+        # next chunk that has text, or the finish chunk: no chunk with an empty delta, no logprob lost.
+        self._pending_logprobs: dict[int, list] = {}
 
     def final(self, outputs: list[RequestOutput]) -> dict[str, Any]:
         [out] = outputs
-        choices = [R.chat_choice(s.index, s.text, s.finish_reason,
-                                 None if s.logprobs is None else self.logprobs.chat(s.logprobs), s.stop_reason)
-                   for s in out.outputs]
+        choices = []
+        for s in out.outputs:
+            reasoning, content = (None, s.text) if self.reasoning is None else self.reasoning.message(s.text)
+            choices.append(R.chat_choice(s.index, content, s.finish_reason,
+                                         None if s.logprobs is None else self.logprobs.chat(s.logprobs),
+                                         s.stop_reason, reasoning))
         return {**self.ids.base("chat.completion"), "choices": choices, "usage": R.usage_of(outputs)}
 
     def first_chunks(self) -> list[dict[str, Any]]:
         return [R.chat_chunk(self.ids, i, {"role": "assistant", "content": ""}) for i in range(self.n)]
 
     def chunks(self, job: int, out: RequestOutput) -> list[dict[str, Any]]:
+        if self.reasoning is not None:
+            return self._reasoning_chunks(out)
         chunks = []
         for sample in out.outputs:
             if sample.delta_text or sample.delta_token_ids:
@@ -484,6 +510,23 @@ class _ChatFormatter(_Formatter):
             if sample.finish_reason is not None and self.first_finish(sample.index):
                 chunks.append(R.chat_chunk(self.ids, sample.index, {}, sample.finish_reason))
         return chunks
+
+    def _reasoning_chunks(self, out: RequestOutput) -> list[dict[str, Any]]:
+        chunks = []
+        for sample in out.outputs:
+            index = sample.index
+            if sample.logprobs is not None:
+                self._pending_logprobs.setdefault(index, []).extend(sample.delta_logprobs)
+            delta = self.reasoning.delta(index, sample.delta_text, sample.finished)
+            if delta:
+                chunks.append(R.chat_chunk(self.ids, index, delta, None, self._take_logprobs(index)))
+            if sample.finish_reason is not None and self.first_finish(index):
+                chunks.append(R.chat_chunk(self.ids, index, {}, sample.finish_reason, self._take_logprobs(index)))
+        return chunks
+
+    def _take_logprobs(self, index: int) -> dict[str, Any] | None:
+        pending = self._pending_logprobs.pop(index, None)
+        return self.logprobs.chat(pending) if pending else None
 
 
 async def _respond(request: Request, engine: AsyncEngine, stream: bool, formatter: _Formatter,

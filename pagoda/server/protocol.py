@@ -132,6 +132,7 @@ class ChatMessage(_Request):
     tool_call_id: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     reasoning_content: str | None = None
+    reasoning: str | None = None  # vLLM's newer name for reasoning_content, as our responses carry both
 
     def to_template(self, index: int) -> dict[str, Any]:
         """The message as chat templates expect it: content as one string."""
@@ -149,7 +150,7 @@ class ChatMessage(_Request):
             raise SamplingParamsError(f"a {self.role} message needs content", f"messages[{index}].content")
         message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
                                    "content": content or ""}
-        for key in ("name", "tool_call_id", "tool_calls", "reasoning_content"):
+        for key in ("name", "tool_call_id", "tool_calls", "reasoning_content", "reasoning"):
             value = getattr(self, key)
             if value is not None:
                 message[key] = value

@@ -91,10 +91,15 @@ def completion_choice(index: int, text: str, finish_reason: str | None, logprobs
 
 
 def chat_choice(index: int, content: str, finish_reason: str | None, logprobs: dict[str, Any] | None,
-                stop_reason: int | str | None) -> dict[str, Any]:
-    return {"index": index, "message": {"role": "assistant", "content": content, "refusal": None,
-                                        "tool_calls": []},
-            "logprobs": logprobs, "finish_reason": finish_reason, "stop_reason": stop_reason}
+                stop_reason: int | str | None, reasoning: str | None = None) -> dict[str, Any]:
+    """With `reasoning` (a think block was found), the message carries it under vLLM's two names, and an empty
+    answer (e.g. generation ended inside the think block) is null, as in vLLM."""
+    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None, "tool_calls": []}
+    if reasoning is not None:
+        message["content"] = content or None
+        message["reasoning_content"] = message["reasoning"] = reasoning
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason,
+            "stop_reason": stop_reason}
 
 
 def chat_chunk(ids: ResponseIds, index: int, delta: dict[str, Any], finish_reason: str | None = None,
