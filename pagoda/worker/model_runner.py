@@ -13,6 +13,7 @@ from torch import nn
 from pagoda.config import ModelConfig
 from pagoda.core.outputs import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from pagoda.layers.attention import Attention, AttentionBackend, BatchLayout, ForwardContext, forward_context
+from pagoda.worker.prompt_logprobs import compute_prompt_logprobs
 from pagoda.worker.sampler import Sampler, SamplingBatch
 
 
@@ -63,9 +64,12 @@ class ModelRunner:
         with forward_context(ForwardContext(self.backend, metadata, self.kv_caches)):
             hidden = self.model(torch.from_numpy(input_ids).to(self.device),
                                 torch.from_numpy(positions).to(self.device))
+        # hidden holds every token's final hidden state (the torch modules and the native stack alike), so the
+        # LM head can score any row: prompt-logprob rows here, each sampling request's last row below.
+        prompt_logprobs = compute_prompt_logprobs(requests, layout.query_start, hidden, self.model.compute_logits)
         sampling = [i for i, r in enumerate(requests) if r.sample]
         if not sampling:
-            return ModelRunnerOutput(sampled_token_ids={})
+            return ModelRunnerOutput(sampled_token_ids={}, prompt_logprobs=prompt_logprobs)
         last_token = torch.from_numpy(layout.query_start[1:][sampling] - 1).to(self.device)
         logits = self.model.compute_logits(hidden[last_token])
         sampled_requests = [requests[i] for i in sampling]
@@ -74,4 +78,5 @@ class ModelRunner:
         return ModelRunnerOutput(
             sampled_token_ids={r.request_id: t for r, t in zip(sampled_requests, tokens)},
             logprobs={r.request_id: lp for r, lp in zip(sampled_requests, logprobs) if lp is not None},
+            prompt_logprobs=prompt_logprobs,
         )
