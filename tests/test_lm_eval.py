@@ -81,7 +81,6 @@ def fp32_server(smollm_gguf, tmp_path_factory):
 
 
 def test_lm_eval_multiple_choice_accuracy_equals_transformers(fp32_server, hf_model, tmp_path):
-    pytest.importorskip("lm_eval")
     data = tmp_path / "questions.jsonl"
     data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in QUESTIONS))
     (tmp_path / "tasks").mkdir()
