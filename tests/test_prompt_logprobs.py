@@ -1,6 +1,7 @@
 """Prompt logprobs of the offline engine against transformers on the same weights (tolerance: see
 tests/logprobs_oracle.py): whole prompts, prompts prefilled in several chunks, under preemption, batched with
-plain requests and over a prefix another request has cached; max_tokens 0."""
+plain requests and over a prefix another request has cached; max_tokens 0; and the default precision's
+native decoder stack against the torch modules."""
 
 from __future__ import annotations
 
@@ -91,7 +92,8 @@ def test_preemption_during_the_prefill_neither_loses_nor_repeats_logprobs(chunke
 def test_batched_with_plain_requests_and_over_a_cached_prefix(chunked, hf_model):
     engine = chunked.engine
     tokens = engine.tokenizer.encode(TEXT)
-    prefix, ids = tokens[:48], tokens[:70]
+    # tokens from 50 on: no earlier test of the module cached blocks of these (hashes chain from the start)
+    prefix, ids = tokens[50:98], tokens[50:120]
     [warm] = chunked.generate({"prompt_token_ids": prefix}, SamplingParams(temperature=0, max_tokens=2))
     outs = chunked.generate(
         [{"prompt_token_ids": ids}, {"prompt_token_ids": ids}, {"prompt_token_ids": tokens[5:40]}],
@@ -105,3 +107,31 @@ def test_batched_with_plain_requests_and_over_a_cached_prefix(chunked, hf_model)
     assert other.outputs[0].token_ids == alone.outputs[0].token_ids
     assert warm.outputs[0].token_ids and plain.outputs[0].token_ids
     assert_idle(engine)
+
+
+def test_default_precision_native_stack_rows_match_the_torch_modules(served_llm):
+    """The default engine (the GGUF's Q4_1 blocks) runs its prefill on the native decoder stack, whose hidden
+    states of every row feed the LM head: its prompt logprobs agree with the torch modules' on the same
+    quantized weights (measured 2e-3 apart: both round activations per group of 32, in different fp32 orders;
+    bound 1e-2), and the one of a greedy token is the sampler's logprob of it (within 1e-3)."""
+    model = served_llm.engine.runner.model
+    assert model.native_stack is not None and model.native_stack.max_tokens is None  # every step runs natively
+    ids = served_llm.get_tokenizer().encode(TEXT)[:60]
+    params = SamplingParams(max_tokens=0, prompt_logprobs=3)
+    [native] = served_llm.generate({"prompt_token_ids": ids}, params)
+    stack, model.native_stack = model.native_stack, None
+    try:
+        [torch_path] = served_llm.generate({"prompt_token_ids": ids}, params)
+    finally:
+        model.native_stack = stack
+    for a, b in zip(native.prompt_logprobs[1:], torch_path.prompt_logprobs[1:]):
+        assert a.token_id == b.token_id and a.logprob == pytest.approx(b.logprob, abs=1e-2)
+        assert [v for _, v in a.top] == pytest.approx([v for _, v in b.top], abs=1e-2)
+    [greedy] = served_llm.generate({"prompt_token_ids": ids[:30]},
+                                   SamplingParams(temperature=0, max_tokens=1, logprobs=0))
+    [sampled] = greedy.outputs[0].logprobs
+    [scored] = served_llm.generate({"prompt_token_ids": ids[:30] + [sampled.token_id]},
+                                   SamplingParams(max_tokens=0, prompt_logprobs=0))
+    # the same row of the same weights, in a step one token longer (the kernels' fp32 sums may split differently)
+    assert scored.prompt_logprobs[-1].logprob == pytest.approx(sampled.logprob, abs=1e-3)
+    assert_idle(served_llm.engine)

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.logprobs_oracle import TOLERANCE, hf_logprobs
-from tests.servers import ServerProcess
+from tests.servers import ServerProcess, metric
 
 PROMPT = ("The old lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a brass lamp and a "
           "notebook in which he wrote down the ships he saw")
@@ -79,7 +79,9 @@ def test_echo_with_logprobs_scores_prompt_and_completion(http, prompt_ids, hf_mo
 
 
 def test_max_tokens_zero_with_echo_returns_the_prompt(http, prompt_ids, hf_model):
+    counted = metric(http.get("/metrics").text, "vllm:prompt_tokens_total")
     plain = complete(http, echo=True, max_tokens=0)
+    assert metric(http.get("/metrics").text, "vllm:prompt_tokens_total") == counted + len(prompt_ids)
     [choice] = plain["choices"]
     assert choice["text"] == PROMPT and choice["logprobs"] is None and choice["finish_reason"] == "length"
     assert plain["usage"] == {"prompt_tokens": len(prompt_ids), "completion_tokens": 0,
