@@ -115,6 +115,13 @@ def test_vllm_prompt_logprobs_field(http, prompt_ids, hf_model):
                                                             abs=TOLERANCE)
         assert all(isinstance(v["decoded_token"], str) for v in entry.values())
     assert choice["logprobs"] is None and len(choice["text"]) > 0
+    # with echo's logprobs 3 the engine computes the top 3, and each field still shows what it asked for
+    [both] = complete(http, max_tokens=0, echo=True, logprobs=3, prompt_logprobs=1)["choices"]
+    for p in range(1, len(prompt_ids)):
+        entry = both["prompt_logprobs"][p]
+        itself = entry[str(prompt_ids[p])]
+        assert sorted(v["rank"] for v in entry.values()) == ([1] if itself["rank"] == 1 else [1, itself["rank"]])
+        assert len(both["logprobs"]["top_logprobs"][p]) >= 3
 
 
 def test_chat_prompt_logprobs(http, hf_model):

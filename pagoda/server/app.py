@@ -431,8 +431,8 @@ class _CompletionFormatter(_Formatter):
                 choice = R.completion_choice(j * self.n + sample.index, echo + sample.text, sample.finish_reason,
                                              logprobs, sample.stop_reason)
                 if self.body.prompt_logprobs is not None:
-                    choice["prompt_logprobs"] = self.logprobs.vllm_prompt_logprobs(self.jobs[j].prompt_ids,
-                                                                                   out.prompt_logprobs)
+                    choice["prompt_logprobs"] = self.logprobs.vllm_prompt_logprobs(
+                        self.jobs[j].prompt_ids, out.prompt_logprobs, self.body.prompt_logprobs)
                 choices.append(choice)
         return {**self.ids.base("text_completion"), "choices": choices, "usage": R.usage_of(outputs)}
 
@@ -484,8 +484,8 @@ class _ChatFormatter(_Formatter):
                    for s in out.outputs]
         body = {**self.ids.base("chat.completion"), "choices": choices, "usage": R.usage_of(outputs)}
         if self.body.prompt_logprobs is not None:  # vLLM's field, on the response (one prompt per chat)
-            body["prompt_logprobs"] = self.logprobs.vllm_prompt_logprobs(self.jobs[0].prompt_ids,
-                                                                         out.prompt_logprobs)
+            body["prompt_logprobs"] = self.logprobs.vllm_prompt_logprobs(self.jobs[0].prompt_ids, out.prompt_logprobs,
+                                                                         self.body.prompt_logprobs)
         return body
 
     def first_chunks(self) -> list[dict[str, Any]]:

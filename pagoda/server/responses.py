@@ -88,17 +88,18 @@ class LogprobsFormatter:
             top.append(alternatives)
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
-    def vllm_prompt_logprobs(self, prompt_ids: Sequence[int], prompt_logprobs: Sequence[TokenLogprobs | None]
-                             ) -> list[dict[str, Any] | None]:
+    def vllm_prompt_logprobs(self, prompt_ids: Sequence[int], prompt_logprobs: Sequence[TokenLogprobs | None],
+                             num_top: int) -> list[dict[str, Any] | None]:
         """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id: {logprob, rank,
-        decoded_token}} holding the prompt token itself, then its top-k alternatives."""
+        decoded_token}} holding the prompt token itself, then its top num_top alternatives (the engine may have
+        computed more, for an echo's larger `logprobs`)."""
         out: list[dict[str, Any] | None] = []
         for token_id, lp in zip(prompt_ids, prompt_logprobs):
             if lp is None:
                 out.append(None)
                 continue
             entry = {str(token_id): self._vllm_logprob(token_id, lp.logprob, lp.rank)}
-            for rank, (t, v) in enumerate(lp.top, 1):
+            for rank, (t, v) in enumerate(lp.top[:num_top], 1):
                 entry.setdefault(str(t), self._vllm_logprob(t, v, rank))
             out.append(entry)
         return out
