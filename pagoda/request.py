@@ -11,8 +11,12 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pagoda.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagoda.core.outputs import TokenLogprobs
 
 
 class RequestStatus(enum.IntEnum):
@@ -63,6 +67,11 @@ class Request:
         # One list for prompt + output: the runner reads slices of it, the scheduler appends to it.
         self.all_token_ids: list[int] = list(self.prompt_token_ids)
         self.output_token_ids: list[int] = []
+        # Logprobs of prompt tokens 1, 2, ... computed so far (entry i comes from position i's logits), None when
+        # not asked for. They survive preemption: a recompute skips the positions already here. Invariant: they
+        # cover every computed prompt position, so their count is >= min(num_computed_tokens, prompt - 1).
+        self.prompt_logprobs: list[TokenLogprobs] | None = (
+            [] if self.sampling_params.prompt_logprobs is not None else None)
 
     @property
     def num_tokens(self) -> int:
@@ -71,6 +80,20 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    def prompt_logprobs_range(self, start: int, end: int) -> tuple[int, int]:
+        """The positions among [start, end) whose logits still have to give prompt logprobs; (0, 0) if none."""
+        if self.prompt_logprobs is None:
+            return 0, 0
+        lo, hi = max(start, len(self.prompt_logprobs)), min(end, self.num_prompt_tokens - 1)
+        assert lo == len(self.prompt_logprobs) or lo >= hi, "prompt logprobs would skip positions"
+        return (lo, hi) if lo < hi else (0, 0)
+
+    @property
+    def max_prefix_hit_tokens(self) -> int | None:
+        """How many leading tokens may come from the prefix cache: a hit skips computing those positions, so
+        only ones whose prompt logprobs are already known (None: no limit)."""
+        return None if self.prompt_logprobs is None else len(self.prompt_logprobs)
 
     def append_output_token(self, token_id: int) -> None:
         self.all_token_ids.append(token_id)

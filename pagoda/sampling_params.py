@@ -36,6 +36,9 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # None: no logprobs; k >= 0: the sampled token's logprob plus the top k
+    # None: off; k >= 0: each prompt token's logprob (given the tokens before it) plus the top k alternatives,
+    # computed during prefill. With it, max_tokens may be 0: the request ends after its prompt.
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
@@ -67,8 +70,10 @@ class SamplingParams:
         if self.logit_bias:
             for bias in self.logit_bias.values():
                 check(-100.0 <= bias <= 100.0, "logit_bias", f"logit_bias values must be in [-100, 100], got {bias}")
-        check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens",
-              f"max_tokens must be at least 1, got {self.max_tokens}")
+        prompt_only = self.max_tokens == 0 and self.prompt_logprobs is not None  # prompt logprobs, no sampling
+        check(self.max_tokens is None or self.max_tokens >= 1 or prompt_only, "max_tokens",
+              f"max_tokens must be at least 1, got {self.max_tokens} (0 is allowed only for prompt logprobs: "
+              "with prompt_logprobs, or with echo on /v1/completions)")
         check(self.min_tokens >= 0, "min_tokens", f"min_tokens must be non-negative, got {self.min_tokens}")
         check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
               f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
@@ -76,6 +81,9 @@ class SamplingParams:
         check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop sequences must be non-empty strings")
         check(self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS, "logprobs",
               f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
+        check(self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int)
+                                                and 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS),
+              "prompt_logprobs", f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.prompt_logprobs}")
         check(self.seed is None or isinstance(self.seed, int), "seed", "seed must be an integer")
 
     @property
@@ -90,7 +98,12 @@ class SamplingParams:
                 raise SamplingParamsError(f"token id {token} is outside the vocabulary [0, {vocab_size})", param)
 
     def child(self, index: int) -> SamplingParams:
-        """Params of the index-th of n samples: one sample each, distinct but reproducible seeds."""
+        """Params of the index-th of n samples: one sample each, distinct but reproducible seeds.
+
+        The prompt is the same for every sample, so only the first computes its logprobs (the others may then
+        use the prefix cache) — unless max_tokens is 0, where prompt logprobs are all a sample does."""
         from dataclasses import replace
 
-        return replace(self, n=1, seed=None if self.seed is None else self.seed + index)
+        prompt_logprobs = self.prompt_logprobs if index == 0 or self.max_tokens == 0 else None
+        return replace(self, n=1, seed=None if self.seed is None else self.seed + index,
+                       prompt_logprobs=prompt_logprobs)

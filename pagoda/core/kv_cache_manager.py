@@ -43,11 +43,15 @@ class KVCacheManager:
     def find_cached_prefix(self, request: Request) -> list[KVBlock]:
         """Longest run of indexed blocks matching the request's leading tokens.
 
-        Capped below num_tokens: the last token is always computed, since its logits are needed.
+        Capped below num_tokens: the last token is always computed, since its logits are needed; and at the
+        request's max_prefix_hit_tokens (positions whose prompt logprobs are still to be computed).
         """
         if not self.pool.enable_caching:
             return []
-        max_hit_blocks = (request.num_tokens - 1) // self.block_size
+        max_hit_tokens = request.num_tokens - 1
+        if request.max_prefix_hit_tokens is not None:
+            max_hit_tokens = min(max_hit_tokens, request.max_prefix_hit_tokens)
+        max_hit_blocks = max_hit_tokens // self.block_size
         hits: list[KVBlock] = []
         for block_hash in self._full_block_hashes(request, max_hit_blocks * self.block_size):
             block = self.pool.lookup(block_hash)

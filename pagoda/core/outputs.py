@@ -27,6 +27,10 @@ class ScheduledRequest:
     num_prompt_tokens: int
     output_token_ids: list[int]
     eos_token_ids: frozenset[int]
+    # Prompt logprobs this step computes: the logits at positions [start, stop) give the logprobs of the tokens
+    # at [start + 1, stop + 1). A sub-range of the scheduled positions; empty (0, 0) for most requests.
+    prompt_logprobs_start: int = 0
+    prompt_logprobs_stop: int = 0
 
     @property
     def end(self) -> int:
@@ -46,17 +50,21 @@ class SchedulerOutput:
 
 @dataclass
 class TokenLogprobs:
-    """The sampled token's logprob and the top-k alternatives (token id, logprob), best first."""
+    """A token's logprob and the top-k alternatives (token id, logprob), best first. `rank` (1 = most likely)
+    is filled for prompt tokens, as vLLM reports it."""
 
     token_id: int
     logprob: float
     top: list[tuple[int, float]]
+    rank: int | None = None
 
 
 @dataclass
 class ModelRunnerOutput:
     sampled_token_ids: dict[str, int]  # only for requests whose ScheduledRequest.sample was set
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # request id -> one entry per position of its ScheduledRequest's prompt-logprobs range, in order
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
 
 
 @dataclass
@@ -66,6 +74,8 @@ class EngineCoreOutput:
     request_id: str
     new_token_ids: list[int]
     new_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # Set once, when the request first reaches the end of its prompt: the logprobs of prompt tokens 1..n-1.
+    prompt_logprobs: list[TokenLogprobs] | None = None
     status: RequestStatus = RequestStatus.RUNNING
     stop_reason: int | str | None = None
 

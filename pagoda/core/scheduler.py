@@ -147,17 +147,23 @@ class Scheduler:
         )
 
     def _to_scheduled(self, request: Request, num_tokens: int) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        end = start + num_tokens
+        logprobs_start, logprobs_stop = request.prompt_logprobs_range(start, end)
         return ScheduledRequest(
             request_id=request.request_id,
             token_ids=request.all_token_ids,
-            start=request.num_computed_tokens,
+            start=start,
             num_tokens=num_tokens,
             block_ids=self.kv_cache.block_ids(request.request_id),
-            sample=request.num_computed_tokens + num_tokens == request.num_tokens,
+            # max_tokens 0 (prompt logprobs only): the request ends at its prompt's end without sampling
+            sample=end == request.num_tokens and request.max_tokens > 0,
             params=request.sampling_params,
             num_prompt_tokens=request.num_prompt_tokens,
             output_token_ids=request.output_token_ids,
             eos_token_ids=request.eos_token_ids,
+            prompt_logprobs_start=logprobs_start,
+            prompt_logprobs_stop=logprobs_stop,
         )
 
     def update_from_output(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
@@ -170,7 +176,18 @@ class Scheduler:
                 continue  # ended while the step ran
             request.num_computed_tokens += scheduled.num_tokens
             self.kv_cache.cache_computed_blocks(request)
+            new_prompt_logprobs = runner_output.prompt_logprobs.get(request.request_id)
+            if new_prompt_logprobs:
+                request.prompt_logprobs.extend(new_prompt_logprobs)
+            # The prompt's end reached for the first time (a recompute after preemption comes back with output
+            # tokens): its logprobs are complete and go out with this step's output.
+            prompt_done = request.num_output_tokens == 0 and request.num_computed_tokens == request.num_tokens
+            prompt_logprobs = request.prompt_logprobs if prompt_done else None
             if not scheduled.sample:
+                if prompt_done:  # max_tokens 0: nothing to sample, the request is complete
+                    outputs.append(EngineCoreOutput(request.request_id, [], prompt_logprobs=prompt_logprobs,
+                                                    status=RequestStatus.FINISHED_LENGTH))
+                    self._finish(request, RequestStatus.FINISHED_LENGTH)
                 continue
             token_id = runner_output.sampled_token_ids[request.request_id]
             request.append_output_token(token_id)
@@ -180,14 +197,18 @@ class Scheduler:
                 request_id=request.request_id,
                 new_token_ids=[token_id],
                 new_logprobs=[logprobs] if logprobs is not None else [],
+                prompt_logprobs=prompt_logprobs,
                 status=status,
                 stop_reason=request.stop_reason,
             ))
             if status.finished:
-                self.running.remove(request)
-                request.status = status
-                self._free(request)
+                self._finish(request, status)
         return outputs
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        self.running.remove(request)
+        request.status = status
+        self._free(request)
 
     def _stop_status(self, request: Request, token_id: int) -> RequestStatus:
         params = request.sampling_params

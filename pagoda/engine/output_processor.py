@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 
-from pagoda.core.outputs import EngineCoreOutput
+from pagoda.core.outputs import EngineCoreOutput, TokenLogprobs
 from pagoda.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from pagoda.request import RequestStatus
 from pagoda.sampling_params import SamplingParams
@@ -43,6 +43,7 @@ class _RequestState:
     samples: list[_SampleState]
     metrics: RequestMetrics
     num_cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # never mutated once set
     error: str | None = field(default=None)
 
     def snapshot(self) -> RequestOutput:
@@ -54,7 +55,8 @@ class _RequestState:
                    for s in self.samples]
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outputs,
                              finished=all(s.output.finished for s in self.samples),
-                             num_cached_tokens=self.num_cached_tokens, metrics=self.metrics, error=self.error)
+                             prompt_logprobs=self.prompt_logprobs, num_cached_tokens=self.num_cached_tokens,
+                             metrics=self.metrics, error=self.error)
 
 
 class OutputProcessor:
@@ -93,9 +95,12 @@ class OutputProcessor:
             out = sample.output
             if out.finished:
                 continue
-            if state.metrics.first_token_time is None:
-                state.metrics.first_token_time = now
-            state.metrics.last_token_time = now
+            if core.prompt_logprobs is not None and state.prompt_logprobs is None:
+                state.prompt_logprobs = [None, *core.prompt_logprobs]
+            if core.new_token_ids:  # none when max_tokens is 0 (prompt logprobs only)
+                if state.metrics.first_token_time is None:
+                    state.metrics.first_token_time = now
+                state.metrics.last_token_time = now
             out.token_ids.extend(core.new_token_ids)
             out.delta_token_ids.extend(core.new_token_ids)
             if out.logprobs is not None:

@@ -41,6 +41,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = False
+    # With SamplingParams.prompt_logprobs: None for the first prompt token (nothing precedes it), then each
+    # prompt token's logprob, rank and top-k alternatives. Set from the output that ends the prefill on.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
     error: str | None = None  # set when the engine failed this request

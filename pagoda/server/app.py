@@ -40,6 +40,7 @@ from pagoda.server import responses as R
 from pagoda.server.chat_reasoning import ChatReasoning
 from pagoda.server.metrics import CONTENT_TYPE, ServerMetrics
 from pagoda.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from pagoda.server.tokenizer_info import tokenizer_info
 from pagoda.tokenizer.reasoning import REASONING_PARSER_CHOICES, ReasoningParser, resolve_reasoning_parser
 
 logger = logging.getLogger("pagoda.server")
@@ -248,16 +249,18 @@ def create_app(settings: ServerSettings, engine: LLMEngine | None = None) -> Fas
             raise APIError(400, f"token id {bad} is outside the vocabulary [0, {vocab})", param="tokens")
         return {"prompt": engine.tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
+    @app.get("/tokenizer_info", dependencies=auth)
+    async def get_tokenizer_info() -> dict[str, Any]:
+        engine = state.ready_engine()
+        return tokenizer_info(engine.tokenizer, engine.engine.max_model_len)
+
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         state.check_model(body.model)
         engine = state.ready_engine()
         if body.suffix:
             raise APIError(400, "suffix (fill-in-the-middle) is not supported by this server", param="suffix")
-        params = body.sampling_params(body.max_tokens, body.logprobs)
-        if body.echo and body.logprobs is not None:
-            raise APIError(400, "echo together with logprobs (prompt logprobs) is not supported; "
-                                "drop one of them", param="echo")
+        params = body.sampling_params(body.max_tokens, body.logprobs, body.engine_prompt_logprobs())
         prepared = [engine.prepare(p, params) for p in body.prompts()]
         jobs = [_Job(engine.new_request_id("cmpl"), text, ids, params) for text, ids in prepared]
         return await _respond(request, engine, body.stream, _CompletionFormatter(engine, body, jobs),
@@ -432,6 +435,7 @@ class _CompletionFormatter(_Formatter):
     def __init__(self, engine: AsyncEngine, body: CompletionRequest, jobs: list[_Job]):
         super().__init__(engine, body, jobs, "cmpl")
         self.offsets: dict[int, int] = {}
+        self.pending_echo: set[int] = set()  # choices whose echo waits for the prompt's logprobs
 
     def _echo(self, job: _Job) -> str:
         if not self.body.echo:
@@ -440,14 +444,31 @@ class _CompletionFormatter(_Formatter):
             return job.prompt_text
         return self.engine.tokenizer.decode(job.prompt_ids, skip_special_tokens=False)
 
+    @property
+    def _echo_logprobs(self) -> bool:
+        """The echoed prompt carries logprobs, which exist only once the engine has run the prompt."""
+        return self.body.echo and self.body.logprobs is not None
+
+    def _prompt_table(self, job: int, out: RequestOutput) -> dict[str, Any]:
+        return self.logprobs.echoed_prompt(self.jobs[job].prompt_ids, out.prompt_logprobs, self.body.logprobs)
+
     def final(self, outputs: list[RequestOutput]) -> dict[str, Any]:
         choices = []
         for j, out in enumerate(outputs):
             echo = self._echo(self.jobs[j])
+            prompt_table = self._prompt_table(j, out) if self._echo_logprobs else None
             for sample in out.outputs:
-                logprobs = None if sample.logprobs is None else self.logprobs.completion(sample.logprobs, len(echo))
-                choices.append(R.completion_choice(j * self.n + sample.index, echo + sample.text,
-                                                   sample.finish_reason, logprobs, sample.stop_reason))
+                logprobs = None
+                if sample.logprobs is not None:
+                    logprobs = self.logprobs.completion(sample.logprobs, len(echo), self.body.logprobs)
+                    if prompt_table is not None:
+                        logprobs = self.logprobs.joined(prompt_table, logprobs)
+                choice = R.completion_choice(j * self.n + sample.index, echo + sample.text, sample.finish_reason,
+                                             logprobs, sample.stop_reason)
+                if self.body.prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = self.logprobs.vllm_prompt_logprobs(
+                        self.jobs[j].prompt_ids, out.prompt_logprobs, self.body.prompt_logprobs)
+                choices.append(choice)
         return {**self.ids.base("text_completion"), "choices": choices, "usage": R.usage_of(outputs)}
 
     def first_chunks(self) -> list[dict[str, Any]]:
@@ -456,7 +477,9 @@ class _CompletionFormatter(_Formatter):
             echo = self._echo(job)
             for i in range(self.n):
                 self.offsets[j * self.n + i] = len(echo)
-                if echo:
+                if echo and self._echo_logprobs:
+                    self.pending_echo.add(j * self.n + i)  # sent with its logprobs, see chunks()
+                elif echo:
                     chunks.append(R.completion_chunk(self.ids, j * self.n + i, echo))
         return chunks
 
@@ -464,13 +487,21 @@ class _CompletionFormatter(_Formatter):
         chunks = []
         for sample in out.outputs:
             index = job * self.n + sample.index
-            if sample.delta_text or sample.delta_token_ids:
-                logprobs = None
+            text, token_ids, logprobs = sample.delta_text, sample.delta_token_ids, sample.delta_logprobs
+            if index in self.pending_echo and out.prompt_logprobs is not None:
+                # The echo goes first, with the prompt's logprobs. Only the first sample computes them, so
+                # another may have tokens already: they follow the echo at once.
+                self.pending_echo.discard(index)
+                chunks.append(R.completion_chunk(self.ids, index, self._echo(self.jobs[job]), None,
+                                                 self._prompt_table(job, out)))
+                text, token_ids, logprobs = sample.text, sample.token_ids, sample.logprobs
+            if index not in self.pending_echo and (text or token_ids):
+                table = None
                 if sample.logprobs is not None:
-                    logprobs = self.logprobs.completion(sample.delta_logprobs, self.offsets.get(index, 0))
-                self.offsets[index] = self.offsets.get(index, 0) + len(sample.delta_text)
-                chunks.append(R.completion_chunk(self.ids, index, sample.delta_text, None, logprobs))
-            if sample.finish_reason is not None and self.first_finish(index):
+                    table = self.logprobs.completion(logprobs, self.offsets.get(index, 0), self.body.logprobs)
+                self.offsets[index] = self.offsets.get(index, 0) + len(text)
+                chunks.append(R.completion_chunk(self.ids, index, text, None, table))
+            if sample.finish_reason is not None and index not in self.pending_echo and self.first_finish(index):
                 chunks.append(R.completion_chunk(self.ids, index, "", sample.finish_reason))
         return chunks
 
@@ -494,7 +525,11 @@ class _ChatFormatter(_Formatter):
             choices.append(R.chat_choice(s.index, content, s.finish_reason,
                                          None if s.logprobs is None else self.logprobs.chat(s.logprobs),
                                          s.stop_reason, reasoning))
-        return {**self.ids.base("chat.completion"), "choices": choices, "usage": R.usage_of(outputs)}
+        body = {**self.ids.base("chat.completion"), "choices": choices, "usage": R.usage_of(outputs)}
+        if self.body.prompt_logprobs is not None:  # vLLM's field, on the response (one prompt per chat)
+            body["prompt_logprobs"] = self.logprobs.vllm_prompt_logprobs(self.jobs[0].prompt_ids, out.prompt_logprobs,
+                                                                         self.body.prompt_logprobs)
+        return body
 
     def first_chunks(self) -> list[dict[str, Any]]:
         return [R.chat_chunk(self.ids, i, {"role": "assistant", "content": ""}) for i in range(self.n)]

@@ -66,7 +66,8 @@ class ServerMetrics:
             generated = sum(len(o.delta_token_ids) for o in out.outputs)
             if generated:
                 self.generation_tokens.inc(generated)
-            if out.request_id not in self._first_token_seen and out.num_generated_tokens:
+            prefilled = out.num_generated_tokens or out.prompt_logprobs is not None  # max_tokens 0: no tokens
+            if out.request_id not in self._first_token_seen and prefilled:
                 self._first_token_seen.add(out.request_id)
                 self.prompt_tokens.inc(len(out.prompt_token_ids))
             if out.finished:

@@ -51,9 +51,12 @@ class _SamplingFields(_Request):
     stop_token_ids: TokenIds | None = None
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
+    prompt_logprobs: StrictInt | None = None
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        """Raises SamplingParamsError naming the offending field."""
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
+        """Raises SamplingParamsError naming the offending field. `prompt_logprobs` is what the engine computes
+        (a route may need more than the field asks for, e.g. for echo)."""
         logit_bias = None
         if self.logit_bias:
             logit_bias = {}
@@ -64,6 +67,8 @@ class _SamplingFields(_Request):
                     raise SamplingParamsError(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
         if self.stream_options is not None and not self.stream:
             raise SamplingParamsError("stream_options is only allowed when stream is true", "stream_options")
+        if self.prompt_logprobs is not None and self.stream:  # as in vLLM: they belong to the whole response
+            raise SamplingParamsError("prompt_logprobs are not available when stream is true", "prompt_logprobs")
         return SamplingParams(
             n=self.n,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -82,6 +87,7 @@ class _SamplingFields(_Request):
             ignore_eos=self.ignore_eos,
             include_stop_str_in_output=self.include_stop_str_in_output,
             logprobs=logprobs,
+            prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
         )
 
@@ -96,6 +102,15 @@ class CompletionRequest(_SamplingFields):
     logprobs: StrictInt | None = None
     echo: StrictBool = False
     suffix: str | None = None
+
+    def engine_prompt_logprobs(self) -> int | None:
+        """The prompt logprobs the engine computes: vLLM's prompt_logprobs field, and with echo the `logprobs`
+        of the echoed prompt. Echo with max_tokens 0 and no logprobs still runs the prompt (k = 0), so the
+        request is served, counted and timed like any other."""
+        wanted = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None) if k is not None]
+        if not wanted and self.echo and self.max_tokens == 0:
+            wanted = [0]
+        return max(wanted) if wanted else None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt field as a list of prompts (text or token ids). Raises SamplingParamsError if empty."""

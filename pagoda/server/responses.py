@@ -57,16 +57,55 @@ class LogprobsFormatter:
                             for lp in logprobs],
                 "refusal": None}
 
-    def completion(self, logprobs: Sequence[TokenLogprobs], text_offset: int) -> dict[str, Any]:
+    def completion(self, logprobs: Sequence[TokenLogprobs], text_offset: int, num_top: int) -> dict[str, Any]:
+        """The legacy table of generated tokens; text_offset is where the first one starts in the choice's text."""
+        return self._table([lp.token_id for lp in logprobs], logprobs, text_offset, num_top)
+
+    def echoed_prompt(self, prompt_ids: Sequence[int], prompt_logprobs: Sequence[TokenLogprobs | None],
+                      num_top: int) -> dict[str, Any]:
+        """The legacy table of an echoed prompt: the first token has no logprob (null), as in OpenAI's."""
+        return self._table(prompt_ids, prompt_logprobs, 0, num_top)
+
+    @staticmethod
+    def joined(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+        return {key: first[key] + second[key] for key in first}
+
+    def _table(self, token_ids: Sequence[int], entries: Sequence[TokenLogprobs | None], text_offset: int,
+               num_top: int) -> dict[str, Any]:
         tokens, token_logprobs, top, offsets = [], [], [], []
-        for lp in logprobs:
-            text = self._text(lp.token_id)
+        for token_id, lp in zip(token_ids, entries):
+            text = self._text(token_id)
             tokens.append(text)
-            token_logprobs.append(_finite(lp.logprob))
-            top.append({self._text(t): _finite(v) for t, v in lp.top})
             offsets.append(text_offset)
             text_offset += len(text)
+            if lp is None:
+                token_logprobs.append(None)
+                top.append(None)
+                continue
+            token_logprobs.append(_finite(lp.logprob))
+            alternatives = {self._text(t): _finite(v) for t, v in lp.top[:num_top]}
+            alternatives.setdefault(text, _finite(lp.logprob))  # OpenAI's dicts hold the chosen token too
+            top.append(alternatives)
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+    def vllm_prompt_logprobs(self, prompt_ids: Sequence[int], prompt_logprobs: Sequence[TokenLogprobs | None],
+                             num_top: int) -> list[dict[str, Any] | None]:
+        """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id: {logprob, rank,
+        decoded_token}} holding the prompt token itself, then its top num_top alternatives (the engine may have
+        computed more, for an echo's larger `logprobs`)."""
+        out: list[dict[str, Any] | None] = []
+        for token_id, lp in zip(prompt_ids, prompt_logprobs):
+            if lp is None:
+                out.append(None)
+                continue
+            entry = {str(token_id): self._vllm_logprob(token_id, lp.logprob, lp.rank)}
+            for rank, (t, v) in enumerate(lp.top[:num_top], 1):
+                entry.setdefault(str(t), self._vllm_logprob(t, v, rank))
+            out.append(entry)
+        return out
+
+    def _vllm_logprob(self, token_id: int, logprob: float, rank: int | None) -> dict[str, Any]:
+        return {"logprob": _finite(logprob), "rank": rank, "decoded_token": self._text(token_id)}
 
 
 def _finite(value: float) -> float:

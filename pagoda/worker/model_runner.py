@@ -14,6 +14,7 @@ from torch import nn
 from pagoda.config import ModelConfig
 from pagoda.core.outputs import ModelRunnerOutput, SchedulerOutput
 from pagoda.layers.attention import Attention, AttentionBackend, BatchLayout, ForwardContext, forward_context
+from pagoda.worker.prompt_logprobs import compute_prompt_logprobs
 from pagoda.worker.sampler import Sampler, SamplingBatch
 from pagoda.worker.step_input import StepInput, build_step_input
 
@@ -58,9 +59,13 @@ class ModelRunner:
                 out = self.model(input_ids, positions, hidden)
         if not self.is_last_stage:
             return out
+        # out holds every token's final hidden state (the torch modules and the native stack alike), so the
+        # LM head can score any row: prompt-logprob rows here, each sampling request's last row below. Every TP
+        # rank of the last stage takes part in each logits gather; only the sampling rank keeps the results.
+        prompt_logprobs = compute_prompt_logprobs(step.requests, step.query_start, out, self.model.compute_logits)
         sampling = step.sampling_rows
         if not sampling:
-            return ModelRunnerOutput(sampled_token_ids={}) if self.samples else None
+            return ModelRunnerOutput(sampled_token_ids={}, prompt_logprobs=prompt_logprobs) if self.samples else None
         last_token = torch.from_numpy(step.query_start[1:][sampling] - 1).to(self.device)
         logits = self.model.compute_logits(out[last_token])  # the whole vocabulary on every TP rank
         if not self.samples:
@@ -71,4 +76,5 @@ class ModelRunner:
         return ModelRunnerOutput(
             sampled_token_ids={r.request_id: t for r, t in zip(sampled_requests, tokens)},
             logprobs={r.request_id: lp for r, lp in zip(sampled_requests, logprobs) if lp is not None},
+            prompt_logprobs=prompt_logprobs,
         )

@@ -35,10 +35,15 @@ class StepInput:
         return [i for i, r in enumerate(self.requests) if r.sample]
 
     def for_workers(self) -> StepInput:
-        """A copy for the other ranks: a request's token history only where the sampler reads it (repetition
-        penalty), so the message does not grow with the context length."""
-        light = [replace(r, token_ids=r.token_ids[:r.num_prompt_tokens] if r.params.repetition_penalty != 1.0
-                         else [], block_ids=[]) for r in self.requests]
+        """A copy for the other ranks: a request's token history only as far as the last stage reads it (the
+        prompt for a repetition penalty, the prompt-logprob targets), so the message does not grow with the
+        context length."""
+        def needed(r: ScheduledRequest) -> int:
+            prompt = r.num_prompt_tokens if r.params.repetition_penalty != 1.0 else 0
+            targets = r.prompt_logprobs_stop + 1 if r.prompt_logprobs_stop > r.prompt_logprobs_start else 0
+            return max(prompt, targets)
+
+        light = [replace(r, token_ids=r.token_ids[:needed(r)], block_ids=[]) for r in self.requests]
         return replace(self, requests=light)
 
 
