@@ -26,6 +26,7 @@ class ExecutionPlan:
     threads: int
     tensor_parallel_size: int
     pipeline_parallel_size: int
+    tp_transport: str  # the TP all-reduce: "none" (one rank), "shm" (one host) or "gloo"
     rank: int
     tp_rank: int
     pp_rank: int
@@ -44,7 +45,7 @@ class ExecutionPlan:
         parallel = (f"rank {self.rank} of {self.tensor_parallel_size * self.pipeline_parallel_size} (tp "
                     f"{self.tp_rank}/{self.tensor_parallel_size}, pp {self.pp_rank}/{self.pipeline_parallel_size}, "
                     f"layers {self.layers[0]}-{self.layers[1] - 1}, {self.num_heads} heads / {self.num_kv_heads} "
-                    "KV heads)")
+                    f"KV heads, all-reduce {self.tp_transport})")
         return (f"{parallel}; {self.device} {self.dtype}, weights {self.quantization or self.dtype} "
                 f"({self.weight_bytes / 2**20:.0f} MiB), KV cache {self.kv_cache_dtype} "
                 f"({self.kv_cache_blocks} blocks, {self.kv_cache_bytes / 2**30:.2f} GiB, "

@@ -2,10 +2,10 @@
 
 Tiny random-weight models of each architecture run with TP=2, PP=2 and TP=2 x PP=2 (4 processes, one thread
 each) on a batch whose prompts are prefilled in chunks and whose KV cache is small enough to preempt; the tokens
-must equal the single-rank engine's and the logprobs of the sampled tokens agree within 1e-4 (fp32: only the
-order of the all-reduce's additions differs). The splits that do not divide evenly are covered: 6 heads over 3
-KV heads on 2 ranks (a 2:1 split of the KV groups), 2 KV heads on 4 ranks (each replicated twice), and a
-vocabulary of 321 tokens.
+must equal the single-rank engine's, and the logprobs of the sampled and of the prompt tokens agree within 1e-4
+(fp32: only the order of the all-reduce's additions differs). The splits that do not divide evenly are covered:
+6 heads over 3 KV heads on 2 ranks (a 1:2 split of the KV groups), 2 KV heads on 4 ranks (each replicated
+twice), and a vocabulary of 321 tokens.
 """
 
 from __future__ import annotations
@@ -69,14 +69,17 @@ def _engine_kwargs(directory, tp: int, pp: int) -> dict:
                 pipeline_parallel_size=pp, threads_per_rank=1, progress=False)
 
 
-def _run(directory, tp: int, pp: int):
-    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=2)
+def _run(directory, tp: int, pp: int, transport: str = "shm"):
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=2, prompt_logprobs=1)
     with LLM(str(directory), **_engine_kwargs(directory, tp, pp)) as llm:
         outputs = llm.generate(_prompts(), params)
         preemptions = llm.engine.scheduler.num_preemptions_total
+        assert {p.tp_transport for p in llm.engine.plans} == {transport if tp > 1 else "none"}
         assert llm.engine.scheduler.kv_cache.pool.num_free_blocks == llm.engine.scheduler.kv_cache.num_blocks
     tokens = [o.outputs[0].token_ids for o in outputs]
-    logprobs = [[lp.logprob for lp in o.outputs[0].logprobs] for o in outputs]
+    # the sampled tokens' logprobs, and the prompt's (computed on the last stage, chunk by chunk)
+    logprobs = [[lp.logprob for lp in o.outputs[0].logprobs] + [lp.logprob for lp in o.prompt_logprobs[1:]]
+                for o in outputs]
     return tokens, logprobs, preemptions
 
 
@@ -97,14 +100,16 @@ def test_parallel_layouts_match_one_rank(tiny, tp, pp):
         assert max(abs(a - b) for a, b in zip(ours, reference)) < 1e-4
 
 
-def test_kv_heads_replicated_over_four_ranks(tmp_path):
-    """2 KV heads on TP=4: every KV head is held by two ranks, each with one of its query heads."""
+def test_kv_heads_replicated_over_four_ranks(tmp_path, monkeypatch):
+    """2 KV heads on TP=4: every KV head is held by two ranks, each with one of its query heads. The all-reduce
+    goes through gloo here (PAGODA_TP_TRANSPORT; elsewhere the ranks share a host, so shared memory)."""
+    monkeypatch.setenv("PAGODA_TP_TRANSPORT", "gloo")
     config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                                       initializer_range=0.15, tie_word_embeddings=True)
     directory = save_tiny_model(tmp_path, config)
     tokens, logprobs, _ = _run(directory, 1, 1)
-    got_tokens, got_logprobs, _ = _run(directory, 4, 1)
+    got_tokens, got_logprobs, _ = _run(directory, 4, 1, transport="gloo")
     assert got_tokens == tokens
     for ours, reference in zip(got_logprobs, logprobs):
         assert max(abs(a - b) for a, b in zip(ours, reference)) < 1e-4

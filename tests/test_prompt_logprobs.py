@@ -114,16 +114,16 @@ def test_default_precision_native_stack_rows_match_the_torch_modules(served_llm)
     states of every row feed the LM head: its prompt logprobs agree with the torch modules' on the same
     quantized weights (measured 2e-3 apart: both round activations per group of 32, in different fp32 orders;
     bound 1e-2), and the one of a greedy token is the sampler's logprob of it (within 1e-3)."""
-    model = served_llm.engine.runner.model
-    assert model.native_stack is not None and model.native_stack.max_tokens is None  # every step runs natively
+    runner = served_llm.engine.runner
+    assert runner.native_stack is not None and runner.native_stack.max_tokens is None  # every step runs natively
     ids = served_llm.get_tokenizer().encode(TEXT)[:60]
     params = SamplingParams(max_tokens=0, prompt_logprobs=3)
     [native] = served_llm.generate({"prompt_token_ids": ids}, params)
-    stack, model.native_stack = model.native_stack, None
+    stack, runner.native_stack = runner.native_stack, None
     try:
         [torch_path] = served_llm.generate({"prompt_token_ids": ids}, params)
     finally:
-        model.native_stack = stack
+        runner.native_stack = stack
     for a, b in zip(native.prompt_logprobs[1:], torch_path.prompt_logprobs[1:]):
         assert a.token_id == b.token_id and a.logprob == pytest.approx(b.logprob, abs=1e-2)
         assert [v for _, v in a.top] == pytest.approx([v for _, v in b.top], abs=1e-2)

@@ -271,3 +271,38 @@ def test_concurrent_shared_prefix_with_preemption_keeps_integrity():
         assert r.output_token_ids == expected_output(r)
     assert any(r.num_cached_tokens > 0 for r in reqs)
     assert sched.kv_cache.pool.num_free_blocks == 16
+
+
+def test_two_steps_in_flight_under_preemption_give_the_same_tokens():
+    """Pipeline parallelism's scheduling: two steps in flight, each with half the requests; a request of a step in
+    flight is neither scheduled again nor preempted (its KV blocks are being written), and a tiny cache forces
+    preemptions among the others. Every request ends with the tokens of running alone."""
+    from collections import deque
+
+    sched = make_scheduler(num_blocks=24, budget=16, max_model_len=96)
+    reqs = [make_request(f"r{i}", 5 + 7 * i, 12) for i in range(6)]
+    for r in reqs:
+        sched.add_request(r)
+    in_flight: deque = deque()
+    busy: set[str] = set()
+    for _ in range(10_000):
+        if not sched.has_unfinished_requests() and not in_flight:
+            break
+        share = max(1, -(-(sched.num_running + sched.num_waiting) // 2))
+        while len(in_flight) < 2:
+            out = sched.schedule(busy, share)
+            if out.empty:
+                break
+            ids = {s.request_id for s in out.requests}
+            assert not ids & busy, "a request in flight was scheduled again"
+            assert len(out.requests) <= share
+            in_flight.append(out)
+            busy |= ids
+        assert all(sched.requests[rid].status == RequestStatus.RUNNING for rid in busy if rid in sched.requests), (
+            "a request in flight was preempted")
+        out = in_flight.popleft()
+        busy -= {s.request_id for s in out.requests}
+        sched.update_from_output(out, run_fake_model(out))
+        sched.kv_cache.check_integrity()
+    assert sched.num_preemptions_total > 0
+    assert [r.output_token_ids for r in reqs] == [expected_output(r) for r in reqs]

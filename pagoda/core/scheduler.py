@@ -88,15 +88,18 @@ class Scheduler:
 
     # ---- one step -----------------------------------------------------------------------------------------
 
-    def schedule(self, busy: set[str] | frozenset[str] = frozenset()) -> SchedulerOutput:
+    def schedule(self, busy: set[str] | frozenset[str] = frozenset(), max_requests: int | None = None
+                 ) -> SchedulerOutput:
         """`busy`: requests in a step still in flight (pipeline parallelism). They are neither scheduled nor
-        preempted: their next tokens are not known yet, and the step in flight writes their KV blocks."""
+        preempted: their next tokens are not known yet, and the step in flight writes their KV blocks.
+        `max_requests`: schedule at most this many (so the requests spread over the steps in flight)."""
+        limit = max_requests if max_requests is not None else len(self.running) + len(self.waiting)
         prompt_budget = self.config.max_prefill_tokens
         scheduled: list[tuple[Request, int]] = []
         preempted: list[Request] = []
 
         index = 0
-        while index < len(self.running):
+        while index < len(self.running) and len(scheduled) < limit:
             request = self.running[index]
             gap = request.num_tokens - request.num_computed_tokens
             num_new = 1 if gap == 1 else min(gap, prompt_budget)  # decodes never wait for the prompt budget
@@ -124,7 +127,8 @@ class Scheduler:
                 index += 1
 
         # Admit waiting requests only when nothing was preempted: the cache is already too full.
-        while not preempted and self.waiting and prompt_budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while (not preempted and self.waiting and prompt_budget > 0 and len(self.running) < self.config.max_num_seqs
+               and len(scheduled) < limit):
             request = self.waiting[0]
             hits = self.kv_cache.find_cached_prefix(request)
             num_hit_tokens = len(hits) * self.kv_cache.block_size

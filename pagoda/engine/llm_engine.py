@@ -180,8 +180,11 @@ class LLMEngine:
     def _parallel_step(self) -> list[RequestOutput]:
         """Fill the pipeline (up to one step in flight per stage), then finish the oldest step. Any failure
         here is fatal (DistributedError): the ranks are out of step with each other."""
-        while len(self._in_flight) < self.executor.max_in_flight:
-            scheduled = self.scheduler.schedule(self._busy)
+        stages = self.executor.max_in_flight
+        # Each step in flight takes its share of the requests, so the stages have work at the same time.
+        share = max(1, -(-(self.scheduler.num_running + self.scheduler.num_waiting) // stages))
+        while len(self._in_flight) < stages:
+            scheduled = self.scheduler.schedule(self._busy, share if stages > 1 else None)
             if scheduled.empty:
                 break
             self._mark_scheduled(scheduled)

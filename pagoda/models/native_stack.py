@@ -122,8 +122,15 @@ class NativeStack:
         self._layers = layers
         first = decoder[0].self_attn
         tp = model.shard.tp
-        # The callback must outlive every call: kept on self.
-        self._all_reduce = _ALL_REDUCE(_tp_all_reduce(tp)) if tp.size > 1 else _ALL_REDUCE()
+        # The callback must outlive every call: kept on self. A C all-reduce (shared memory) is called directly;
+        # otherwise the stack calls back into Python (torch.distributed).
+        if tp.size == 1:
+            self._all_reduce = _ALL_REDUCE()
+        elif tp.native_all_reduce is not None:
+            self._all_reduce = _ALL_REDUCE(tp.native_all_reduce)
+        else:
+            self._all_reduce = _ALL_REDUCE(_tp_all_reduce(tp))
+        self._tp = tp
         final_norm = inner.norm.weight.data_ptr() if inner.norm is not None else None
         self.stack = _Stack(len(decoder), config.hidden_size, first.num_heads, first.num_kv_heads,
                             config.head_dim, decoder[0].mlp.intermediate_size, kv_caches[0].shape[1],
@@ -150,6 +157,7 @@ class NativeStack:
                        md.lens_ptr, md.starts_ptr, md.num_decodes, md.num_requests, md.block_size)
         self.lib.llama_stack_forward(self._stack_ref, ctypes.byref(batch), h.data_ptr(), out.data_ptr(),
                                      md.num_threads)
+        self._tp.raise_if_failed()
         return out
 
 

@@ -17,6 +17,8 @@ class TPGroup:
 
     size = 1
     rank = 0
+    transport = "none"  # how all_reduce moves data: "none" (one rank), "gloo", "shm"
+    native_all_reduce: int | None = None  # address of a C all-reduce (float*, int64) the native stack can call
 
     def __init__(self) -> None:
         self.comm_seconds = 0.0  # time inside collectives since the last reset
@@ -33,9 +35,18 @@ class TPGroup:
     def reset_stats(self) -> None:
         self.comm_seconds, self.comm_calls = 0.0, 0
 
+    def take_native_seconds(self) -> float:
+        """Seconds spent in all-reduces made inside native code since the last call (0 when there are none)."""
+        return 0.0
+
+    def raise_if_failed(self) -> None:
+        """Raise DistributedError if a collective made inside native code failed."""
+
 
 class DistributedTPGroup(TPGroup):
     """A torch.distributed process group (gloo on the CPU, NCCL on CUDA)."""
+
+    transport = "gloo"
 
     def __init__(self, group, ranks: list[int], rank: int):
         super().__init__()

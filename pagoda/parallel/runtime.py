@@ -25,8 +25,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pagoda.parallel.comm import DistributedTPGroup, TPGroup
+from pagoda.parallel.comm import TPGroup
 from pagoda.parallel.layout import ParallelConfig
+from pagoda.parallel.shm import tp_group
 
 logger = logging.getLogger("pagoda")
 
@@ -126,7 +127,7 @@ def init_distributed(parallel: ParallelConfig, rank: int, init_method: str, time
         ranks = list(range(stage * tp_size, (stage + 1) * tp_size))
         group = dist.new_group(ranks, timeout=step_timeout, backend=backend)
         if rank in ranks and tp_size > 1:
-            tp = DistributedTPGroup(group, ranks, rank)
+            tp = tp_group(group, ranks, rank, timeout)
     pipe = dist.new_group(list(range(world)), timeout=step_timeout, backend=backend)
     logger.info("rank %d of %d joined (%s, pid %d)", rank, world, init_method, os.getpid())
     return Distributed(rank, world, tp, Channel(None, None), Channel(pipe, step_timeout))
