@@ -90,9 +90,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
-    import uvicorn
-
+    from pagoda.config import parse_size
     from pagoda.server.app import ServerSettings, create_app
+    from pagoda.server.runner import serve
 
     if args.model_arg:
         args.model = args.model_arg
@@ -100,12 +100,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     url = f"http://{args.host}:{args.port}"
     settings = ServerSettings(engine=_engine_config(args), served_model_name=args.served_model_name,
                               api_key=api_key, request_timeout=args.request_timeout, max_waiting=args.max_waiting,
-                              progress=True, url=url)
+                              max_request_bytes=parse_size(args.max_request_bytes),
+                              shutdown_timeout=args.shutdown_timeout, progress=True, url=url)
     app = create_app(settings)
     logging.getLogger("pagoda").info("Pagoda %s listening on %s; loading %s (GET /health answers 200 when ready)",
                                      _version(), url, args.model)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=args.access_log,
-                timeout_keep_alive=30)
+    serve(app, args.host, args.port, access_log=args.access_log)
+    logging.getLogger("pagoda").info("stopped")
     return 0
 
 
@@ -250,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="queued requests beyond which new ones get 503 with Retry-After (default: no limit)")
     p.add_argument("--request-timeout", type=float, default=None,
                    help="seconds a request may take before it is aborted (default: no limit)")
+    p.add_argument("--max-request-bytes", default="2MiB",
+                   help="larger request bodies get 413 before they are read, e.g. 8MiB (default: 2MiB)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="after SIGTERM, seconds running requests may take to finish before they are ended "
+                        "with an error (default: 30)")
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
     p.set_defaults(func=cmd_serve)
 
