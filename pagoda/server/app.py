@@ -285,7 +285,7 @@ def create_app(settings: ServerSettings, engine: LLMEngine | None = None) -> Fas
             raise APIError(400, "echo together with logprobs (prompt logprobs) is not supported; "
                                 "drop one of them", param="echo")
         prepared = await state.cpu.run(_prepare_completion, engine, body, params)
-        rid = _request_id(request)
+        rid = _request_id(request, body)
         jobs = [_Job(engine.new_request_id(f"cmpl-{rid}"), text, ids, params) for text, ids in prepared]
         return await _respond(request, engine, body.stream, _CompletionFormatter(engine, body, jobs),
                               settings.request_timeout)
@@ -297,7 +297,7 @@ def create_app(settings: ServerSettings, engine: LLMEngine | None = None) -> Fas
         body.check_supported()
         params = body.sampling_params(body.effective_max_tokens(), body.logprobs_k())
         prompt_ids = await state.cpu.run(_prepare_chat, engine, body, params)
-        jobs = [_Job(engine.new_request_id(f"chatcmpl-{_request_id(request)}"), None, prompt_ids, params)]
+        jobs = [_Job(engine.new_request_id(f"chatcmpl-{_request_id(request, body)}"), None, prompt_ids, params)]
         return await _respond(request, engine, body.stream, _ChatFormatter(engine, body, jobs),
                               settings.request_timeout)
 
@@ -316,8 +316,11 @@ def _prepare_completion(engine: AsyncEngine, body: CompletionRequest, params: Sa
 def _prepare_chat(engine: AsyncEngine, body: ChatCompletionRequest, params: SamplingParams) -> list[int]:
     text = _render_chat(engine.tokenizer, body.template_messages(), body.add_generation_prompt,
                         body.template_kwargs())
-    _, prompt_ids = engine.prepare(text, params, add_special_tokens=body.add_special_tokens,
-                                   truncate_prompt_tokens=body.truncate_prompt_tokens)
+    try:
+        _, prompt_ids = engine.prepare(text, params, add_special_tokens=body.add_special_tokens,
+                                       truncate_prompt_tokens=body.truncate_prompt_tokens)
+    except SamplingParamsError as exc:
+        raise body.in_chat_terms(exc) from None
     return prompt_ids
 
 
@@ -343,8 +346,12 @@ def _detokenize(engine: AsyncEngine, body: DetokenizeRequest) -> Response:
     return JSONResponse({"prompt": engine.tokenizer.decode(body.tokens, skip_special_tokens=False)})
 
 
-def _request_id(request: Request) -> str:
-    """The request's id (RequestIdMiddleware: the client's X-Request-Id, else a fresh one)."""
+def _request_id(request: Request, body: Any = None) -> str:
+    """The request's id: the client's X-Request-Id, else the body's `request_id` (vLLM's field), else a fresh one
+    (RequestIdMiddleware). It names the response (`chatcmpl-<id>`), the log lines and the engine requests."""
+    body_id = getattr(body, "request_id", None)
+    if body_id is not None and not request.state.request_id_from_client:
+        request.state.request_id = body_id
     return request.state.request_id
 
 

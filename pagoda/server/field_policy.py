@@ -77,6 +77,8 @@ SAMPLING_REFUSED: tuple[Refused, ...] = (
 CHAT_REFUSED: tuple[Refused, ...] = (
     Refused("tools", "tool calling is not supported by this server; send tool results as 'tool' messages and "
             "leave 'tools' empty", lambda v, r: not v or r.tool_choice == "none"),
+    Refused("tool_choice", "tool calling is not supported by this server: tool_choice may only be 'none' or "
+            "'auto'", lambda v, r: v in (None, "none", "auto")),
     Refused("functions", "function calling is not supported by this server", _empty),
     Refused("function_call", "function calling is not supported by this server",
             lambda v, r: v is None or v == "none"),

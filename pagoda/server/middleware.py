@@ -13,7 +13,8 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 REQUEST_ID_HEADER = "x-request-id"
-_VALID_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces, bounded
+REQUEST_ID_PATTERN = r"^[\x21-\x7e]{1,128}$"  # printable ASCII, no spaces, bounded
+_VALID_REQUEST_ID = re.compile(REQUEST_ID_PATTERN.encode())
 
 
 def _error_response(status: int, message: str, code: str) -> tuple[dict, bytes]:
@@ -82,7 +83,8 @@ class BodyLimitMiddleware:
 
 class RequestIdMiddleware:
     """Every HTTP request gets an id: the client's X-Request-Id when it is printable ASCII of at most 128
-    characters, else a fresh one. It is put in `request.state.request_id` and echoed in the response headers."""
+    characters, else a fresh one. It is put in `request.state.request_id` (a body's vLLM-style `request_id`
+    may replace a fresh one) and echoed in the response headers."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -92,18 +94,16 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         sent = next((v for k, v in scope.get("headers") or () if k == REQUEST_ID_HEADER.encode()), None)
-        request_id = sent.decode() if sent is not None and _VALID_REQUEST_ID.fullmatch(sent) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
-        header = (REQUEST_ID_HEADER.encode(), request_id.encode())
+        state = scope.setdefault("state", {})
+        if sent is not None and _VALID_REQUEST_ID.fullmatch(sent):
+            state["request_id"], state["request_id_from_client"] = sent.decode(), True
+        else:
+            state["request_id"], state["request_id_from_client"] = uuid.uuid4().hex, False
 
         async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
+            if message["type"] == "http.response.start":  # read now: a body's `request_id` may have set it
+                header = (REQUEST_ID_HEADER.encode(), state["request_id"].encode())
                 message = {**message, "headers": [*message.get("headers", ()), header]}
             await send(message)
 
         await self.app(scope, receive, send_with_id)
-
-
-def request_id_of(scope_state: dict) -> str:
-    """The id RequestIdMiddleware gave the request (a fresh one if the middleware is not installed)."""
-    return scope_state.get("request_id") or uuid.uuid4().hex

@@ -23,6 +23,7 @@ from pagoda.server.field_policy import (
     check_refused,
     policy_model,
 )
+from pagoda.server.middleware import REQUEST_ID_PATTERN
 
 # Template kwargs a client may pass through `chat_template_kwargs`; anything else could change what a
 # template does in ways the server does not vouch for.
@@ -81,7 +82,8 @@ class _SamplingFields(_Request, _SamplingPolicy):
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
     truncate_prompt_tokens: Int | None = None  # keep only the last k prompt tokens; -1: as many as fit
-    request_id: Annotated[str, Field(max_length=128)] | None = None  # vLLM's; the X-Request-Id header wins
+    # vLLM's: the request's id, as an X-Request-Id header would give it (the header wins)
+    request_id: Annotated[str, Field(pattern=REQUEST_ID_PATTERN)] | None = None
 
     def check_sampling_supported(self) -> None:
         check_refused(self, SAMPLING_REFUSED)
@@ -191,6 +193,9 @@ class ContentPart(_Request):
     cache_control: dict[str, Any] | None = None  # a caching hint (Anthropic-style, sent by LiteLLM): metadata
 
 
+_MEDIA_KEYS = ("image_url", "input_audio", "file", "video_url", "refusal")
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
@@ -216,8 +221,12 @@ class ChatMessage(_Request):
             for j, part in enumerate(content):
                 if part.type != "text" or part.text is None:
                     raise SamplingParamsError(
-                        f"content part type {part.type!r} is not supported by this text-only model; "
+                        f"content part type {part.type[:64]!r} is not supported by this text-only model; "
                         "send text parts", f"messages[{index}].content[{j}]")
+                media = next((k for k in _MEDIA_KEYS if getattr(part, k) is not None), None)
+                if media is not None:
+                    raise SamplingParamsError(f"a text part carries only text, not {media}",
+                                              f"messages[{index}].content[{j}].{media}")
                 texts.append(part.text)
             content = "\n".join(texts)
         if content is None and self.role != "assistant":
@@ -251,7 +260,6 @@ class ChatCompletionRequest(_SamplingFields, policy_model("_ChatPolicy", CHAT_RE
     logprobs: StrictBool = False
     top_logprobs: Int | None = None
     tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
     add_generation_prompt: StrictBool = True
     add_special_tokens: StrictBool = False  # the template writes BOS itself
     chat_template_kwargs: dict[str, Any] | None = None
@@ -268,6 +276,20 @@ class ChatCompletionRequest(_SamplingFields, policy_model("_ChatPolicy", CHAT_RE
         """Refuse, rather than silently ignore, fields whose output this server would not honour."""
         self.check_sampling_supported()
         check_refused(self, CHAT_REFUSED)
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        try:
+            return super().sampling_params(max_tokens, logprobs)
+        except SamplingParamsError as exc:
+            raise self.in_chat_terms(exc) from None
+
+    def in_chat_terms(self, exc: SamplingParamsError) -> SamplingParamsError:
+        """An error about the prompt or max_tokens, naming the field this request used for it."""
+        if exc.param == "prompt":  # a chat request's prompt is its messages
+            exc.param = "messages"
+        elif exc.param == "max_tokens" and self.max_completion_tokens is not None:
+            exc.param = "max_completion_tokens"
+        return exc
 
     def effective_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
