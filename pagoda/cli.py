@@ -136,10 +136,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
-    import uvicorn
-
+    from pagoda.config import parse_size
     from pagoda.parallel.launch import launch_for, run_worker_node
     from pagoda.server.app import ServerSettings, create_app
+    from pagoda.server.runner import serve
 
     if args.model_arg:
         args.model = args.model_arg
@@ -152,17 +152,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     settings = ServerSettings(engine=config, served_model_name=args.served_model_name,
                               api_key=api_key, request_timeout=args.request_timeout, max_waiting=args.max_waiting,
-                              progress=True, url=url, reasoning_parser=args.reasoning_parser,
+                              max_request_bytes=parse_size(args.max_request_bytes),
+                              shutdown_timeout=args.shutdown_timeout, progress=True, url=url,
+                              reasoning_parser=args.reasoning_parser,
                               launch=launch.executor_launch if launch else None)
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                           access_log=args.access_log, timeout_keep_alive=30))
-    settings.on_engine_death = lambda: setattr(server, "should_exit", True)
     logging.getLogger("pagoda").info("Pagoda %s listening on %s; loading %s (GET /health answers 200 when ready)",
                                      _version(), url, args.model)
-    server.run()
+    serve(app, args.host, args.port, access_log=args.access_log)
     engine = app.state.pagoda.engine
-    return 1 if engine is not None and engine.dead_error is not None else 0
+    if engine is not None and engine.dead_error is not None:
+        logging.getLogger("pagoda").error("stopped: the engine died (%s)", engine.dead_error)
+        return 1
+    logging.getLogger("pagoda").info("stopped")
+    return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -312,6 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="queued requests beyond which new ones get 503 with Retry-After (default: no limit)")
     p.add_argument("--request-timeout", type=float, default=None,
                    help="seconds a request may take before it is aborted (default: no limit)")
+    p.add_argument("--max-request-bytes", default="2MiB",
+                   help="larger request bodies get 413 before they are read, e.g. 8MiB (default: 2MiB)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="after SIGTERM, seconds running requests may take to finish before they are ended "
+                        "with an error (default: 30)")
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
     p.add_argument("--reasoning-parser", default="auto", choices=REASONING_PARSER_CHOICES,
                    help="split <think>...</think> from chat answers into reasoning_content: qwen3, none, or auto "

@@ -173,11 +173,13 @@ def chat_stream(http: httpx.Client, tiny, script: str | None = None, **body) -> 
 
 
 def deltas(chunks: list[dict], index: int = 0) -> list[dict]:
-    """The deltas of choice `index` between its role chunk and its finish chunk; none of them empty."""
+    """The deltas of choice `index` before its finish chunk, none of them empty; the first one carries the role
+    (sent with the first token, not before it)."""
     mine = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["index"] == index]
-    assert mine[0]["delta"] == {"role": "assistant", "content": ""}
+    assert mine[0]["delta"].pop("role") == "assistant"
+    assert not any("role" in c["delta"] for c in mine[1:])
     assert mine[-1]["delta"] == {} and mine[-1]["finish_reason"] is not None
-    middle = [c["delta"] for c in mine[1:-1]]
+    middle = [c["delta"] for c in mine[:-1]]
     assert all(middle), f"an empty delta was sent: {middle}"
     for d in middle:
         assert set(d) <= {"content", "reasoning_content", "reasoning"}
@@ -309,7 +311,8 @@ def test_smollm2_has_no_parser_and_is_untouched(server):
                                                                 "max_tokens": 24, "stream": True}) as r:
             chunks = [json.loads(line[6:]) for line in r.iter_lines()
                       if line.startswith("data: ") and line != "data: [DONE]"]
-        middle = [c["choices"][0]["delta"] for c in chunks[1:-1]]
+        middle = [c["choices"][0]["delta"] for c in chunks[:-1]]
+        assert middle[0].pop("role") == "assistant"  # with the first token
         assert all(set(d) == {"content"} for d in middle)  # today's chunks: content only
         assert "".join(d["content"] for d in middle) == raw["choices"][0]["text"]
     assert "reasoning parser: none (auto: the chat template has no think tags" in server.log()

@@ -111,9 +111,9 @@ def test_health_while_loading_and_after_failed_load(engine_config, monkeypatch, 
     release = threading.Event()
     real = app_module.LLMEngine
 
-    def slow_engine(config, progress=False):
+    def slow_engine(config, progress=False, launch=None):
         release.wait(30)
-        return real(config, progress=progress)
+        return real(config, progress=progress, launch=launch)
 
     monkeypatch.setattr(app_module, "LLMEngine", slow_engine)
     server = InProcessServer(settings(engine_config), None)

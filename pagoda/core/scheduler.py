@@ -46,6 +46,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions_total = 0
+        # Prefix-cache lookups of admitted requests, in tokens (vLLM's vllm:prefix_cache_queries / _hits).
+        self.prefix_cache_queries_total = 0
+        self.prefix_cache_hits_total = 0
 
     # ---- intake -------------------------------------------------------------------------------------------
 
@@ -136,6 +139,9 @@ class Scheduler:
             if not self.kv_cache.allocate_slots(request, num_new, hits):
                 break
             self.waiting.popleft()
+            if self.kv_cache.pool.enable_caching:
+                self.prefix_cache_queries_total += request.num_tokens
+                self.prefix_cache_hits_total += num_hit_tokens
             if request.status == RequestStatus.WAITING:
                 request.num_cached_tokens = num_hit_tokens
             request.num_computed_tokens = num_hit_tokens

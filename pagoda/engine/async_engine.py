@@ -7,6 +7,8 @@ Threading contract (the only place pagoda has two threads):
   `call_soon_threadsafe`.
 - Prompt tokenization and validation run on the caller's side (they read only immutable engine state), so a bad
   request is refused before it reaches the engine.
+- Admission (`max_waiting`) is decided on the event loop when a request is admitted, before its response starts
+  (engine/admission.py); at shutdown `close()` refuses new requests and `cut()` ends the ones still running.
 
 A thread rather than a process: the model's heavy work runs in torch kernels that release the GIL, and the event
 loop only needs a few milliseconds per step; docs/architecture.md has the measurement.
@@ -23,6 +25,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
+from pagoda.engine.admission import Admission, EngineOverloadedError, Ticket
 from pagoda.engine.llm_engine import EngineStats, LLMEngine
 from pagoda.engine.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
@@ -34,8 +37,12 @@ class EngineDeadError(RuntimeError):
     """The engine loop stopped on an unexpected error; no request can be served until a restart."""
 
 
-class EngineOverloadedError(RuntimeError):
-    """Too many requests are already waiting (`max_waiting`); the client should retry later."""
+__all__ = ["AsyncEngine", "EngineDeadError", "EngineOverloadedError", "EngineShuttingDownError",
+           "RequestFailedError", "RequestTimeoutError"]
+
+
+class EngineShuttingDownError(RuntimeError):
+    """The server is shutting down: it takes no new requests, and ends those still running past its deadline."""
 
 
 class RequestFailedError(RuntimeError):
@@ -68,19 +75,20 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine, *, max_waiting: int | None = None,
                  step_listener: StepListener | None = None,
                  on_dead: Callable[[BaseException], None] | None = None):
-        """`max_waiting`: refuse new requests while this many are queued and not yet running (None: no limit).
-        `step_listener` is called on the engine thread after every step, with the engine's stats and the step's
-        outputs (for metrics); it must be quick and thread-safe. `on_dead` is called (from any thread) once the
-        engine can serve no more: its loop died, or one of its parallel ranks did."""
+        """`max_waiting`: refuse new requests while this many are queued and not yet running (None: no limit;
+        see engine/admission.py). `step_listener` is called on the engine thread after every step, with the
+        engine's stats and the step's outputs (for metrics); it must be quick and thread-safe. `on_dead` is called
+        (from any thread) once the engine can serve no more: its loop died, or one of its parallel ranks did."""
         self.engine = engine
         self._on_dead = on_dead
         engine.dead_listeners.append(self._engine_died)
         self.tokenizer = engine.tokenizer
-        self.max_waiting = max_waiting
+        self.admission = Admission(max_waiting)
         self._step_listener = step_listener
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue] = {}
-        self._num_waiting = 0  # requests not yet scheduled, as last seen by the engine thread
+        self._num_applied = 0  # engine thread: scheduler requests added since its last report
+        self._closed: EngineShuttingDownError | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self.dead_error: BaseException | None = None
@@ -109,22 +117,41 @@ class AsyncEngine:
     def new_request_id(prefix: str) -> str:
         return f"{prefix}-{uuid.uuid4().hex}"
 
-    def prepare(self, prompt: str | Sequence[int], params: SamplingParams) -> tuple[str | None, list[int]]:
-        """Tokenize and validate a prompt without queueing it. Raises SamplingParamsError (and subclasses)."""
-        text, prompt_ids = self.engine.process_prompt(prompt)
+    def prepare(self, prompt: str | Sequence[int], params: SamplingParams, *, add_special_tokens: bool = True,
+                truncate_prompt_tokens: int | None = None) -> tuple[str | None, list[int]]:
+        """Tokenize and validate a prompt without queueing it; any thread may call it (immutable state only).
+        `truncate_prompt_tokens` keeps the last k tokens (-1: as many as leave room for one generated token),
+        and the text is then dropped (it no longer matches). Raises SamplingParamsError (and subclasses)."""
+        if isinstance(prompt, str):
+            text, prompt_ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        else:
+            text, prompt_ids = self.engine.process_prompt(prompt)
+        if truncate_prompt_tokens is not None:
+            keep = self.engine.max_model_len - 1 if truncate_prompt_tokens == -1 else truncate_prompt_tokens
+            if len(prompt_ids) > keep:
+                text, prompt_ids = None, prompt_ids[-keep:]
         self.engine.validate_prompt(prompt_ids, params)
         return text, prompt_ids
 
+    def admit(self, num_requests: int) -> Ticket:
+        """Reserve room for an HTTP request's `num_requests` scheduler requests (prompts × n) before its
+        response starts. Raises EngineDeadError, EngineShuttingDownError or EngineOverloadedError."""
+        self._check_open()
+        return self.admission.admit(num_requests)
+
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *,
-                       prompt_text: str | None = None, timeout: float | None = None
-                       ) -> AsyncIterator[RequestOutput]:
+                       prompt_text: str | None = None, timeout: float | None = None,
+                       ticket: Ticket | None = None) -> AsyncIterator[RequestOutput]:
         """Queue a prepared request and yield its outputs until it finishes. Leaving the iteration early
-        (client gone, task cancelled) aborts the request. Raises EngineDeadError, EngineOverloadedError,
-        RequestFailedError or RequestTimeoutError."""
-        self.check_accepting()
+        (client gone, task cancelled) aborts the request. `ticket`: its admission (else it is admitted here).
+        Raises EngineDeadError, EngineShuttingDownError, EngineOverloadedError, RequestFailedError or
+        RequestTimeoutError."""
+        if ticket is None:
+            ticket = self.admit(params.n)
+        self._check_open()
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = stream
-        self._num_waiting += 1  # counted until the engine thread reports again, so a burst is seen at once
+        ticket.send(params.n)
         self._commands.put(_Add(request_id, prompt_ids, prompt_text, params, time.monotonic()))
         deadline = None if timeout is None else time.monotonic() + timeout
         finished = False
@@ -137,8 +164,7 @@ class AsyncEngine:
                     item = await asyncio.wait_for(stream.get(), remaining)
                 except asyncio.TimeoutError:
                     raise RequestTimeoutError(f"the request did not finish within {timeout:g} s") from None
-                if isinstance(item, BaseException):
-                    finished = True
+                if isinstance(item, BaseException):  # not finished: the abort below frees its blocks (a cut)
                     raise item
                 if item.error is not None:
                     finished = True
@@ -152,11 +178,29 @@ class AsyncEngine:
             if not finished:
                 self._commands.put(_Abort(request_id))
 
-    def check_accepting(self) -> None:
+    def _check_open(self) -> None:
         if self.dead_error is not None:
             raise EngineDeadError(f"the engine stopped: {self.dead_error!r}")
-        if self.max_waiting is not None and self._num_waiting >= self.max_waiting:
-            raise EngineOverloadedError(f"{self._num_waiting} requests are already waiting; retry later")
+        if self._closed is not None:
+            raise self._closed
+
+    # ---- shutdown (event-loop side) ----------------------------------------------------------------------
+
+    def close(self, reason: str) -> None:
+        """Refuse every new request from now on (EngineShuttingDownError); running ones go on."""
+        self._closed = EngineShuttingDownError(reason)
+
+    @property
+    def active_request_ids(self) -> list[str]:
+        return list(self._streams)
+
+    def cut(self, reason: str) -> list[str]:
+        """End every running request now: its stream raises EngineShuttingDownError, and leaving the stream
+        aborts it in the engine (blocks freed within a step). Returns the ids that were cut."""
+        self.close(reason)
+        cut = self.active_request_ids
+        self._fail_all(EngineShuttingDownError(reason))
+        return cut
 
     # ---- the engine thread -------------------------------------------------------------------------------
 
@@ -199,6 +243,7 @@ class AsyncEngine:
             if command is _STOP:
                 return False
             if isinstance(command, _Add):
+                self._num_applied += command.params.n
                 try:
                     self.engine.add_request(command.request_id, command.prompt_ids, command.params,
                                             arrival_time=command.arrival_time)
@@ -212,12 +257,13 @@ class AsyncEngine:
         return True
 
     def _deliver(self, outputs: list[RequestOutput], num_waiting: int) -> None:
-        self._loop.call_soon_threadsafe(self._dispatch, outputs, num_waiting)
+        applied, self._num_applied = self._num_applied, 0
+        self._loop.call_soon_threadsafe(self._dispatch, outputs, num_waiting, applied)
 
     # ---- event-loop callbacks ----------------------------------------------------------------------------
 
-    def _dispatch(self, outputs: list[RequestOutput], num_waiting: int) -> None:
-        self._num_waiting = num_waiting
+    def _dispatch(self, outputs: list[RequestOutput], num_waiting: int, num_applied: int) -> None:
+        self.admission.report(num_waiting, num_applied)
         for out in outputs:
             self._put(out.request_id, out)
 

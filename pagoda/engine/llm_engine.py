@@ -38,6 +38,10 @@ class EngineStats:
     num_free_blocks: int  # includes free blocks that still hold a reusable cached prefix
     kv_cache_usage: float  # fraction of blocks held by requests
     num_preemptions_total: int
+    prefix_cache_queries_total: int  # prompt tokens looked up in the prefix cache on admission
+    prefix_cache_hits_total: int  # of which found cached
+    num_steps_total: int  # steps that computed something
+    last_step_num_tokens: int  # tokens the latest such step computed
 
 
 class PromptTooLongError(SamplingParamsError):
@@ -87,6 +91,8 @@ class LLMEngine:
             SchedulerConfig(config.max_num_seqs, config.max_prefill_tokens, self.max_model_len),
             KVCacheManager(loaded.kv_layout.num_blocks, config.block_size, config.enable_prefix_caching))
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.num_steps_total = 0
+        self.last_step_num_tokens = 0
         logger.info(
             "KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB per rank, %s); max concurrency at %d tokens: %.1f",
             loaded.kv_layout.num_blocks, config.block_size, loaded.kv_layout.num_tokens,
@@ -132,6 +138,14 @@ class LLMEngine:
             raise PromptTooLongError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt has "
                 f"{len(prompt_ids)} tokens, which leaves no room for a completion.", "prompt")
+        # A max_tokens the context could never hold is a mistake, not a wish to cap (a smaller one is capped).
+        if params.max_tokens is not None and params.max_tokens > self.max_model_len:
+            raise SamplingParamsError(f"max_tokens is {params.max_tokens}, more than this model's context of "
+                                      f"{self.max_model_len} tokens (prompt included) holds", "max_tokens")
+        room = self.max_model_len - len(prompt_ids)
+        if params.min_tokens > room:
+            raise SamplingParamsError(f"min_tokens is {params.min_tokens}, but after the {len(prompt_ids)} prompt "
+                                      f"tokens the context has room for {room}", "min_tokens")
         params.validate_token_ids(vocab)
 
     def abort_request(self, request_ids: str | Sequence[str]) -> list[RequestOutput]:
@@ -153,9 +167,10 @@ class LLMEngine:
         return outputs
 
     def stats(self) -> EngineStats:
-        kv = self.scheduler.kv_cache
-        return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting, kv.num_blocks,
-                           kv.pool.num_free_blocks, kv.usage, self.scheduler.num_preemptions_total)
+        kv, s = self.scheduler.kv_cache, self.scheduler
+        return EngineStats(s.num_running, s.num_waiting, kv.num_blocks, kv.pool.num_free_blocks, kv.usage,
+                           s.num_preemptions_total, s.prefix_cache_queries_total, s.prefix_cache_hits_total,
+                           self.num_steps_total, self.last_step_num_tokens)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -202,6 +217,8 @@ class LLMEngine:
         return self._update(scheduled, result)
 
     def _mark_scheduled(self, scheduled: SchedulerOutput) -> None:
+        self.num_steps_total += 1
+        self.last_step_num_tokens = scheduled.num_batched_tokens
         for r in scheduled.requests:
             self.output_processor.mark_scheduled(parent_of(r.request_id)[0],
                                                  self.scheduler.requests[r.request_id].num_cached_tokens)

@@ -2,7 +2,10 @@
 auth, health, metrics and the web chat page.
 
 The app starts listening before the model is loaded (GET /health answers 503 until it is ready); the engine then
-runs on its own thread (engine/async_engine.py). Every request is validated completely before it is queued.
+runs on its own thread (engine/async_engine.py). Every request is validated completely before it is queued; its
+CPU work (parsing, validation, tokenization, templates) runs on a thread pool (request_body.py), not the event
+loop. Admission (--max-waiting) is decided before a response starts; at shutdown (SIGTERM) new requests get 503
+and running ones have --shutdown-timeout seconds to finish before they are cut.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,10 +28,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import pagoda
+from pagoda.engine.admission import Ticket
 from pagoda.engine.async_engine import (
     AsyncEngine,
     EngineDeadError,
     EngineOverloadedError,
+    EngineShuttingDownError,
     RequestFailedError,
     RequestTimeoutError,
 )
@@ -38,8 +43,17 @@ from pagoda.parallel.executor import Launch
 from pagoda.sampling_params import SamplingParams, SamplingParamsError
 from pagoda.server import responses as R
 from pagoda.server.chat_reasoning import ChatReasoning
+from pagoda.server.field_policy import unrecognized_message
 from pagoda.server.metrics import CONTENT_TYPE, ServerMetrics
-from pagoda.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from pagoda.server.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from pagoda.server.protocol import (
+    PROMPT_TAGS,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from pagoda.server.request_body import CpuPool, json_body
 from pagoda.server.tokenizer_info import tokenizer_info
 from pagoda.tokenizer.reasoning import REASONING_PARSER_CHOICES, ReasoningParser, resolve_reasoning_parser
 
@@ -55,6 +69,8 @@ class ServerSettings:
     api_key: str | None = None
     request_timeout: float | None = None  # seconds from arrival to the last token; None: no limit
     max_waiting: int | None = None  # queued requests beyond which new ones get 503 + Retry-After
+    max_request_bytes: int = 2 * 1024 * 1024  # larger bodies get 413 before they are read
+    shutdown_timeout: float = 30.0  # seconds running requests may take to finish after SIGTERM
     progress: bool = False  # progress bars while loading (the CLI's terminal)
     url: str | None = None  # where clients reach us, for the log line that says we are ready
     # Called (on the event loop) when the engine has died, e.g. a parallel rank was lost: `pagoda serve` then
@@ -93,6 +109,8 @@ def api_error_from(exc: BaseException) -> APIError:
         return APIError(400, str(exc), param=exc.param, code=getattr(exc, "code", None))
     if isinstance(exc, EngineOverloadedError):
         return APIError(503, str(exc), "server_error", code="overloaded", headers={"Retry-After": "1"})
+    if isinstance(exc, EngineShuttingDownError):
+        return APIError(503, str(exc), "server_error", code="shutting_down", headers={"Retry-After": "5"})
     if isinstance(exc, EngineDeadError):
         return APIError(500, str(exc), "server_error", code="engine_dead")
     if isinstance(exc, RequestTimeoutError):
@@ -113,8 +131,14 @@ class ServerState:
     reasoning_parser: ReasoningParser | None = None  # resolved once the model (its chat template) is loaded
     load_error: BaseException | None = None
     started: float = field(default_factory=time.time)
+    cpu: CpuPool = field(default_factory=CpuPool)
+    draining: bool = False
+    _cut_timer: asyncio.TimerHandle | None = None
 
     def ready_engine(self) -> AsyncEngine:
+        if self.draining:
+            raise APIError(503, "the server is shutting down", "server_error", code="shutting_down",
+                           headers={"Retry-After": "5"})
         if self.engine is None:
             if self.load_error is not None:
                 raise APIError(503, f"the model failed to load: {self.load_error}", "server_error",
@@ -128,8 +152,49 @@ class ServerState:
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model not in (self.settings.model_name, self.settings.engine.model):
-            raise APIError(404, f"The model `{model}` does not exist. This server serves "
+            raise APIError(404, f"The model `{model[:256]}` does not exist. This server serves "
                                 f"`{self.settings.model_name}`.", param="model", code="model_not_found")
+
+    # ---- shutdown: SIGTERM → drain for shutdown_timeout seconds → cut ----------------------------------------
+
+    def begin_shutdown(self) -> None:
+        """Called on the event loop when the server starts shutting down (it has stopped accepting
+        connections): refuse new requests now, cut the running ones after `shutdown_timeout` seconds."""
+        if self.draining:
+            return
+        self.draining = True
+        timeout = self.settings.shutdown_timeout
+        if self.engine is None:
+            return
+        self.engine.close("the server is shutting down")
+        running = self.engine.active_request_ids
+        logger.info("shutting down: %d requests running get up to %g s to finish", len(running), timeout)
+        if running:
+            self._cut_timer = asyncio.get_running_loop().call_later(timeout, self._cut)
+
+    def _cut(self) -> None:
+        timeout = self.settings.shutdown_timeout
+        cut = self.engine.cut(f"the server shut down before this request finished ({timeout:g} s after SIGTERM)")
+        if cut:
+            logger.warning("shutdown: cut %d requests still running after %g s: %s", len(cut), timeout,
+                           ", ".join(cut))
+
+    def end(self) -> None:
+        if self._cut_timer is not None:
+            self._cut_timer.cancel()
+        if self.engine is not None:
+            self.engine.shutdown()
+            stats = self.engine.engine.stats()
+            logger.info("engine stopped: %d requests left, %d KV blocks in use", stats.num_running +
+                        stats.num_waiting, stats.num_blocks - stats.num_free_blocks)
+        self.cpu.shutdown()
+
+
+class _Body:
+    """`body: _Body[Model]`: the request body parsed and validated as Model off the event loop."""
+
+    def __class_getitem__(cls, model: type) -> Any:
+        return Annotated[model, Depends(json_body(model))]
 
 
 def create_app(settings: ServerSettings, engine: LLMEngine | None = None) -> FastAPI:
@@ -171,12 +236,13 @@ def create_app(settings: ServerSettings, engine: LLMEngine | None = None) -> Fas
         else:
             threading.Thread(target=load, name="pagoda-load", daemon=True).start()
         yield
-        if state.engine is not None:
-            state.engine.shutdown()
+        state.end()
 
     app = FastAPI(title="Pagoda", version=pagoda.__version__, lifespan=lifespan)
     app.state.pagoda = state
     _install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestIdMiddleware)  # added last: outermost, so a 413 carries the id too
 
     async def require_api_key(request: Request) -> None:
         if settings.api_key is None:
@@ -217,37 +283,30 @@ def create_app(settings: ServerSettings, engine: LLMEngine | None = None) -> Fas
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
+    def model_card() -> dict[str, Any]:
+        engine = state.engine
+        return {"id": settings.model_name, "object": "model", "created": int(state.started), "owned_by": "pagoda",
+                "root": settings.engine.model, "max_model_len": engine.engine.max_model_len if engine else None}
+
     @app.get("/v1/models", dependencies=auth)
     async def models() -> dict[str, Any]:
-        engine = state.engine
-        return {"object": "list", "data": [{
-            "id": settings.model_name, "object": "model", "created": int(state.started), "owned_by": "pagoda",
-            "root": settings.engine.model, "max_model_len": engine.engine.max_model_len if engine else None}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=auth)
+    async def model(model_id: str) -> dict[str, Any]:
+        state.check_model(model_id)
+        return model_card()
 
     @app.post("/tokenize", dependencies=auth)
-    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+    async def tokenize(body: _Body[TokenizeRequest]) -> Response:
         state.check_model(body.model)
-        tokenizer = state.ready_engine().tokenizer
-        if (body.prompt is None) == (body.messages is None):
-            raise APIError(400, "give exactly one of 'prompt' and 'messages'", param="prompt")
-        if body.messages is not None:
-            text = _render_chat(tokenizer, [m.to_template(i) for i, m in enumerate(body.messages)],
-                                body.add_generation_prompt, {})
-            ids = tokenizer.encode(text, add_special_tokens=False)
-        else:
-            ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-        engine = state.ready_engine().engine
-        return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
+        body.check_supported()
+        return await state.cpu.run(_tokenize, state.ready_engine(), body)
 
     @app.post("/detokenize", dependencies=auth)
-    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+    async def detokenize(body: _Body[DetokenizeRequest]) -> Response:
         state.check_model(body.model)
-        engine = state.ready_engine()
-        vocab = engine.engine.model_config.vocab_size
-        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise APIError(400, f"token id {bad} is outside the vocabulary [0, {vocab})", param="tokens")
-        return {"prompt": engine.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+        return await state.cpu.run(_detokenize, state.ready_engine(), body)
 
     @app.get("/tokenizer_info", dependencies=auth)
     async def get_tokenizer_info() -> dict[str, Any]:
@@ -255,28 +314,25 @@ def create_app(settings: ServerSettings, engine: LLMEngine | None = None) -> Fas
         return tokenizer_info(engine.tokenizer, engine.engine.max_model_len)
 
     @app.post("/v1/completions", dependencies=auth)
-    async def completions(body: CompletionRequest, request: Request) -> Response:
+    async def completions(request: Request, body: _Body[CompletionRequest]) -> Response:
         state.check_model(body.model)
         engine = state.ready_engine()
-        if body.suffix:
-            raise APIError(400, "suffix (fill-in-the-middle) is not supported by this server", param="suffix")
+        body.check_supported()
         params = body.sampling_params(body.max_tokens, body.logprobs, body.engine_prompt_logprobs())
-        prepared = [engine.prepare(p, params) for p in body.prompts()]
-        jobs = [_Job(engine.new_request_id("cmpl"), text, ids, params) for text, ids in prepared]
+        prepared = await state.cpu.run(_prepare_completion, engine, body, params)
+        rid = _request_id(request, body)
+        jobs = [_Job(engine.new_request_id(f"cmpl-{rid}"), text, ids, params) for text, ids in prepared]
         return await _respond(request, engine, body.stream, _CompletionFormatter(engine, body, jobs),
                               settings.request_timeout)
 
     @app.post("/v1/chat/completions", dependencies=auth)
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    async def chat_completions(request: Request, body: _Body[ChatCompletionRequest]) -> Response:
         state.check_model(body.model)
         engine = state.ready_engine()
         body.check_supported()
         params = body.sampling_params(body.effective_max_tokens(), body.logprobs_k())
-        text = _render_chat(engine.tokenizer, body.template_messages(), body.add_generation_prompt,
-                            body.template_kwargs())
-        prompt_ids = engine.tokenizer.encode(text, add_special_tokens=False)
-        _, prompt_ids = engine.prepare(prompt_ids, params)
-        jobs = [_Job(engine.new_request_id("chatcmpl"), None, prompt_ids, params)]
+        text, prompt_ids = await state.cpu.run(_prepare_chat, engine, body, params)
+        jobs = [_Job(engine.new_request_id(f"chatcmpl-{_request_id(request, body)}"), None, prompt_ids, params)]
         parser = state.reasoning_parser
         reasoning = None if parser is None else ChatReasoning(
             parser, parser.start_of(text, body.template_kwargs().get("enable_thinking")))
@@ -284,6 +340,59 @@ def create_app(settings: ServerSettings, engine: LLMEngine | None = None) -> Fas
                               settings.request_timeout)
 
     return app
+
+
+# ---- a request's CPU work: these run on the CpuPool, never on the event loop -----------------------------------
+
+
+def _prepare_completion(engine: AsyncEngine, body: CompletionRequest, params: SamplingParams
+                        ) -> list[tuple[str | None, list[int]]]:
+    return [engine.prepare(p, params, add_special_tokens=body.add_special_tokens,
+                           truncate_prompt_tokens=body.truncate_prompt_tokens) for p in body.prompts()]
+
+
+def _prepare_chat(engine: AsyncEngine, body: ChatCompletionRequest, params: SamplingParams
+                  ) -> tuple[str, list[int]]:
+    """The rendered prompt (the reasoning split reads where it ends) and its token ids."""
+    text = _render_chat(engine.tokenizer, body.template_messages(), body.add_generation_prompt,
+                        body.template_kwargs())
+    try:
+        _, prompt_ids = engine.prepare(text, params, add_special_tokens=body.add_special_tokens,
+                                       truncate_prompt_tokens=body.truncate_prompt_tokens)
+    except SamplingParamsError as exc:
+        raise body.in_chat_terms(exc) from None
+    return text, prompt_ids
+
+
+def _tokenize(engine: AsyncEngine, body: TokenizeRequest) -> Response:
+    tokenizer = engine.tokenizer
+    if body.messages is not None:
+        text = _render_chat(tokenizer, [m.to_template(i) for i, m in enumerate(body.messages)],
+                            body.add_generation_prompt, body.template_kwargs())
+        ids = tokenizer.encode(text, add_special_tokens=bool(body.add_special_tokens))
+    else:
+        ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False)
+    result: dict[str, Any] = {"count": len(ids), "max_model_len": engine.engine.max_model_len, "tokens": ids}
+    if body.return_token_strs:
+        result["token_strs"] = [tokenizer.id_to_token(t) for t in ids]
+    return JSONResponse(result)
+
+
+def _detokenize(engine: AsyncEngine, body: DetokenizeRequest) -> Response:
+    vocab = engine.engine.model_config.vocab_size
+    bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise APIError(400, f"token id {bad} is outside the vocabulary [0, {vocab})", param="tokens")
+    return JSONResponse({"prompt": engine.tokenizer.decode(body.tokens, skip_special_tokens=False)})
+
+
+def _request_id(request: Request, body: Any = None) -> str:
+    """The request's id: the client's X-Request-Id, else the body's `request_id` (vLLM's field), else a fresh one
+    (RequestIdMiddleware). It names the response (`chatcmpl-<id>`), the log lines and the engine requests."""
+    body_id = getattr(body, "request_id", None)
+    if body_id is not None and not request.state.request_id_from_client:
+        request.state.request_id = body_id
+    return request.state.request_id
 
 
 def _render_chat(tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool,
@@ -314,6 +423,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         if first.get("type") == "missing" and not loc:
             return APIError(400, "the request body must be a JSON object").response()
         param = _param_path(loc)
+        if first.get("type") == "extra_forbidden":
+            return APIError(400, unrecognized_message(param[:256]), param=param[:256],
+                            code="unrecognized_field").response()
         details = "; ".join(f"{_param_path([p for p in e.get('loc', ()) if p != 'body']) or 'body'}: {e.get('msg')}"
                             for e in errors[:5])
         return APIError(400, f"Invalid request: {details}", param=param or None,
@@ -333,13 +445,16 @@ _UNION_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
 def _param_path(loc) -> str:
     """pydantic's error location as OpenAI's `param`: "messages[0].content"."""
     path = ""
+    previous = None
     for part in loc:
         if isinstance(part, int):
             path += f"[{part}]"
-        elif "[" in part or part in _UNION_TAGS or part.startswith("function-"):
+        elif "[" in part or part in _UNION_TAGS or part.startswith("function-") \
+                or (previous == "prompt" and part in PROMPT_TAGS):
             continue  # pydantic's label of a union member (e.g. "list[int]"), not a field name
         else:
             path += ("." if path else "") + str(part)
+        previous = part
     return path
 
 
@@ -356,13 +471,13 @@ class _Job:
     params: SamplingParams
 
 
-async def _merged(engine: AsyncEngine, jobs: list[_Job], timeout: float | None
+async def _merged(engine: AsyncEngine, jobs: list[_Job], timeout: float | None, ticket: Ticket
                   ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """The outputs of all jobs as they come, tagged with the job's index. Leaving early aborts every job."""
     if len(jobs) == 1:
         job = jobs[0]
         async for out in engine.generate(job.request_id, job.prompt_ids, job.params, prompt_text=job.prompt_text,
-                                         timeout=timeout):
+                                         timeout=timeout, ticket=ticket):
             yield 0, out
         return
     queue: asyncio.Queue = asyncio.Queue()
@@ -371,7 +486,7 @@ async def _merged(engine: AsyncEngine, jobs: list[_Job], timeout: float | None
     async def pump(index: int, job: _Job) -> None:
         try:
             async for out in engine.generate(job.request_id, job.prompt_ids, job.params,
-                                             prompt_text=job.prompt_text, timeout=timeout):
+                                             prompt_text=job.prompt_text, timeout=timeout, ticket=ticket):
                 queue.put_nowait((index, out))
             queue.put_nowait((index, done))
         except Exception as exc:  # noqa: BLE001 - handed to the consumer
@@ -404,6 +519,7 @@ class _Formatter(ABC):
         self.body = body
         self.jobs = jobs
         self.n = body.n
+        self.prefix = prefix
         self.ids = R.ResponseIds(jobs[0].request_id if len(jobs) == 1 else engine.new_request_id(prefix),
                                  body.model or "")
         self.logprobs = R.LogprobsFormatter(engine.tokenizer)
@@ -516,6 +632,7 @@ class _ChatFormatter(_Formatter):
         # With a reasoning split, the logprobs of tokens whose text is held back (part of a tag) wait for the
         # next chunk that has text, or the finish chunk: no chunk with an empty delta, no logprob lost.
         self._pending_logprobs: dict[int, list] = {}
+        self._role_sent: set[int] = set()
 
     def final(self, outputs: list[RequestOutput]) -> dict[str, Any]:
         [out] = outputs
@@ -532,7 +649,7 @@ class _ChatFormatter(_Formatter):
         return body
 
     def first_chunks(self) -> list[dict[str, Any]]:
-        return [R.chat_chunk(self.ids, i, {"role": "assistant", "content": ""}) for i in range(self.n)]
+        return []  # the role comes with each choice's first token, so a client's time to first chunk is TTFT
 
     def chunks(self, job: int, out: RequestOutput) -> list[dict[str, Any]]:
         if self.reasoning is not None:
@@ -541,7 +658,8 @@ class _ChatFormatter(_Formatter):
         for sample in out.outputs:
             if sample.delta_text or sample.delta_token_ids:
                 logprobs = None if sample.logprobs is None else self.logprobs.chat(sample.delta_logprobs)
-                chunks.append(R.chat_chunk(self.ids, sample.index, {"content": sample.delta_text}, None, logprobs))
+                delta = self._with_role(sample.index, {"content": sample.delta_text})
+                chunks.append(R.chat_chunk(self.ids, sample.index, delta, None, logprobs))
             if sample.finish_reason is not None and self.first_finish(sample.index):
                 chunks.append(R.chat_chunk(self.ids, sample.index, {}, sample.finish_reason))
         return chunks
@@ -554,10 +672,19 @@ class _ChatFormatter(_Formatter):
                 self._pending_logprobs.setdefault(index, []).extend(sample.delta_logprobs)
             delta = self.reasoning.delta(index, sample.delta_text, sample.finished)
             if delta:
-                chunks.append(R.chat_chunk(self.ids, index, delta, None, self._take_logprobs(index)))
+                chunks.append(R.chat_chunk(self.ids, index, self._with_role(index, delta), None,
+                                           self._take_logprobs(index)))
             if sample.finish_reason is not None and self.first_finish(index):
-                chunks.append(R.chat_chunk(self.ids, index, {}, sample.finish_reason, self._take_logprobs(index)))
+                chunks.append(R.chat_chunk(self.ids, index, self._with_role(index, {}), sample.finish_reason,
+                                           self._take_logprobs(index)))
         return chunks
+
+    def _with_role(self, index: int, delta: dict[str, Any]) -> dict[str, Any]:
+        """The delta, with the role when it is the choice's first chunk."""
+        if index in self._role_sent:
+            return delta
+        self._role_sent.add(index)
+        return {"role": "assistant", **delta}
 
     def _take_logprobs(self, index: int) -> dict[str, Any] | None:
         pending = self._pending_logprobs.pop(index, None)
@@ -566,19 +693,24 @@ class _ChatFormatter(_Formatter):
 
 async def _respond(request: Request, engine: AsyncEngine, stream: bool, formatter: _Formatter,
                    timeout: float | None) -> Response:
-    try:  # refuse before any work (and before a stream's 200 is sent)
-        engine.check_accepting()
+    request_id = _request_id(request)
+    try:  # admit or refuse before any work, and before a stream's 200 is sent
+        ticket = engine.admit(len(formatter.jobs) * formatter.n)
     except Exception as exc:
-        raise api_error_from(exc) from exc
+        error = api_error_from(exc)
+        logger.info("request %s refused: %s", request_id, error.message)
+        raise error from exc
+    formatter.ids.id = f"{formatter.prefix}-{request_id}"
     if formatter.body.model is None:
         formatter.ids.model = request.app.state.pagoda.settings.model_name
     if stream:
-        return StreamingResponse(_stream(engine, formatter, timeout), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _AdmittedStream(ticket, _stream(engine, formatter, timeout, ticket, request_id),
+                               media_type="text/event-stream",
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def collect() -> dict[str, Any]:
         finals: dict[int, RequestOutput] = {}
-        async for job, out in _merged(engine, formatter.jobs, timeout):
+        async for job, out in _merged(engine, formatter.jobs, timeout, ticket):
             if out.finished:
                 finals[job] = out
         return formatter.final([finals[j] for j in range(len(formatter.jobs))])
@@ -588,11 +720,31 @@ async def _respond(request: Request, engine: AsyncEngine, stream: bool, formatte
     except _ClientGone:
         return Response(status_code=499)
     except Exception as exc:
-        raise api_error_from(exc) from exc
+        error = api_error_from(exc)
+        logger.warning("request %s failed: %s", request_id, error.message)
+        raise error from exc
+    finally:
+        ticket.release()
     return JSONResponse(body)
 
 
-async def _stream(engine: AsyncEngine, formatter: _Formatter, timeout: float | None) -> AsyncIterator[str]:
+class _AdmittedStream(StreamingResponse):
+    """A streaming response that gives back its admission ticket's unsent share however the response ends
+    (even when the client leaves before the body generator starts, so the generator's own cleanup never runs)."""
+
+    def __init__(self, ticket: Ticket, content: AsyncIterator[str], **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self.ticket = ticket
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.ticket.release()
+
+
+async def _stream(engine: AsyncEngine, formatter: _Formatter, timeout: float | None, ticket: Ticket,
+                  request_id: str) -> AsyncIterator[str]:
     """SSE body. A client disconnect cancels this generator (Starlette listens for it), which aborts the jobs."""
     include_usage = formatter.body.include_usage_in_stream
     finals: dict[int, RequestOutput] = {}
@@ -605,7 +757,7 @@ async def _stream(engine: AsyncEngine, formatter: _Formatter, timeout: float | N
     try:
         for chunk in formatter.first_chunks():
             yield event(chunk)
-        async for job, out in _merged(engine, formatter.jobs, timeout):
+        async for job, out in _merged(engine, formatter.jobs, timeout, ticket):
             for chunk in formatter.chunks(job, out):
                 yield event(chunk)
             if out.finished:
@@ -615,6 +767,7 @@ async def _stream(engine: AsyncEngine, formatter: _Formatter, timeout: float | N
                          "usage": R.usage_of([finals[j] for j in sorted(finals)])})
     except Exception as exc:  # noqa: BLE001 - the status line is sent already: report in-band
         error = api_error_from(exc)
+        logger.warning("request %s ended with an error event: %s", request_id, error.message)
         yield R.sse(R.error_body(error.message, error.type, error.param, error.code))
     yield R.SSE_DONE
 

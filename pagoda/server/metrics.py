@@ -14,6 +14,8 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7
                     20.0, 40.0, 80.0, 160.0, 640.0)
 _TOKEN_LATENCY_BUCKETS = (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
                           0.5, 0.75, 1.0, 2.5, 5.0)
+_REQUEST_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+_ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -49,8 +51,24 @@ class ServerMetrics:
         self.e2e = histogram("vllm:e2e_request_latency_seconds", "Arrival to finish.", _LATENCY_BUCKETS)
         self.queue_time = histogram("vllm:request_queue_time_seconds", "Arrival to first scheduled.",
                                     _LATENCY_BUCKETS)
+        self.prefill_time = histogram("vllm:request_prefill_time_seconds", "First scheduled to first token.",
+                                      _LATENCY_BUCKETS)
+        self.decode_time = histogram("vllm:request_decode_time_seconds", "First token to finish.", _LATENCY_BUCKETS)
+        self.request_prompt_tokens = histogram("vllm:request_prompt_tokens", "Prompt tokens per finished request.",
+                                               _REQUEST_TOKEN_BUCKETS)
+        self.request_generation_tokens = histogram(
+            "vllm:request_generation_tokens", "Generated tokens per finished request (all n samples).",
+            _REQUEST_TOKEN_BUCKETS)
+        self.iteration_tokens = histogram("vllm:iteration_tokens_total", "Tokens computed per engine step.",
+                                          _ITERATION_TOKEN_BUCKETS)
+        self.prefix_cache_queries = counter("vllm:prefix_cache_queries",
+                                            "Prompt tokens looked up in the prefix cache (on admission).")
+        self.prefix_cache_hits = counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.")
         self._model_name = model_name
         self._preemptions_seen = 0
+        self._steps_seen = 0
+        self._prefix_queries_seen = 0
+        self._prefix_hits_seen = 0
         self._first_token_seen: set[str] = set()
 
     def on_step(self, stats: EngineStats, outputs: list[RequestOutput]) -> None:
@@ -62,6 +80,13 @@ class ServerMetrics:
         if stats.num_preemptions_total > self._preemptions_seen:
             self.preemptions.inc(stats.num_preemptions_total - self._preemptions_seen)
             self._preemptions_seen = stats.num_preemptions_total
+        if stats.num_steps_total > self._steps_seen:  # called once per step, or after aborts (no step)
+            self._steps_seen = stats.num_steps_total
+            self.iteration_tokens.observe(stats.last_step_num_tokens)
+        self.prefix_cache_queries.inc(stats.prefix_cache_queries_total - self._prefix_queries_seen)
+        self.prefix_cache_hits.inc(stats.prefix_cache_hits_total - self._prefix_hits_seen)
+        self._prefix_queries_seen, self._prefix_hits_seen = (stats.prefix_cache_queries_total,
+                                                             stats.prefix_cache_hits_total)
         for out in outputs:
             generated = sum(len(o.delta_token_ids) for o in out.outputs)
             if generated:
@@ -81,10 +106,15 @@ class ServerMetrics:
         if m is None or m.finished_time is None:
             return
         self.e2e.observe(m.finished_time - m.arrival_time)
+        self.request_prompt_tokens.observe(len(out.prompt_token_ids))
+        self.request_generation_tokens.observe(out.num_generated_tokens)
         if m.first_scheduled_time is not None:
             self.queue_time.observe(m.first_scheduled_time - m.arrival_time)
         if m.first_token_time is not None:
             self.ttft.observe(m.first_token_time - m.arrival_time)
+            self.decode_time.observe(m.finished_time - m.first_token_time)
+            if m.first_scheduled_time is not None:
+                self.prefill_time.observe(m.first_token_time - m.first_scheduled_time)
             longest = max(len(o.token_ids) for o in out.outputs)
             if longest > 1 and m.last_token_time is not None:
                 self.tpot.observe((m.last_token_time - m.first_token_time) / (longest - 1))

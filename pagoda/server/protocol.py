@@ -1,57 +1,99 @@
 """Request schemas of the OpenAI-compatible API (pydantic), and their translation to SamplingParams.
 
-Types are checked by pydantic; value ranges by SamplingParams (one set of rules for the API and the offline
-engine). Unknown fields are ignored, as OpenAI's newer fields arrive in clients before servers know them.
+Types are checked by pydantic, strictly: numbers are JSON numbers (finite, integers within int64), strings are
+strings; value ranges by SamplingParams (one set of rules for the API and the offline engine). Unknown fields
+are refused, and every known field is honoured, accepted as metadata or refused when it asks for something this
+server does not do: field_policy.py.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictInt, Tag
 
 from pagoda.sampling_params import SamplingParams, SamplingParamsError
+from pagoda.server.field_policy import (
+    CHAT_REFUSED,
+    COMPLETION_REFUSED,
+    METADATA,
+    SAMPLING_REFUSED,
+    TOKENIZE_REFUSED,
+    check_refused,
+    policy_model,
+)
+from pagoda.server.middleware import REQUEST_ID_PATTERN
 
 # Template kwargs a client may pass through `chat_template_kwargs`; anything else could change what a
 # template does in ways the server does not vouch for.
 ALLOWED_CHAT_TEMPLATE_KWARGS = frozenset({"enable_thinking"})
 
-TokenIds = list[Annotated[int, Field(strict=True)]]
+# An integer the engine can hold (JSON allows any size; 2**64 would overflow every consumer downstream).
+Int = Annotated[int, Field(strict=True, ge=-(2**63), lt=2**63)]
+# A finite JSON number (Python's JSON parser turns 1e400 into inf).
+Float = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+# Token ids are range-checked against the vocabulary later; no per-element bound here, as it triples the cost of
+# validating a long prompt (validation holds the GIL).
+TokenIds = list[StrictInt]
+
+_TOKEN_ID_KEY = re.compile(r"-?[0-9]+")  # ASCII digits only: int() would also take "1_0", " 1", "+1" and "٥"
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
 
 class StreamOptions(_Request):
     include_usage: StrictBool = False
+    include_obfuscation: StrictBool | None = None  # OpenAI's side-channel padding: accepted, no padding sent
+    continuous_usage_stats: StrictBool = False
+
+    def check_supported(self) -> None:
+        if self.continuous_usage_stats:
+            raise SamplingParamsError("stream_options.continuous_usage_stats is not supported; usage comes in the "
+                                      "last chunk with include_usage", "stream_options.continuous_usage_stats")
 
 
-class _SamplingFields(_Request):
+_SamplingPolicy = policy_model("_SamplingPolicy", SAMPLING_REFUSED, METADATA)
+
+
+class _SamplingFields(_Request, _SamplingPolicy):
     """Fields shared by /v1/completions and /v1/chat/completions, including vLLM's extra sampling fields."""
 
     model: str | None = None
-    n: StrictInt = 1
-    temperature: float | None = None
-    top_p: float | None = None
+    n: Int = 1
+    temperature: Float | None = None
+    top_p: Float | None = None
     stop: str | list[str] | None = None
-    seed: StrictInt | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    seed: Int | None = None
+    presence_penalty: Float | None = None
+    frequency_penalty: Float | None = None
+    logit_bias: dict[str, Float] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
     # vLLM's extras
-    top_k: StrictInt | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    min_tokens: StrictInt = 0
+    top_k: Int | None = None
+    min_p: Float | None = None
+    repetition_penalty: Float | None = None
+    min_tokens: Int = 0
     ignore_eos: StrictBool = False
     stop_token_ids: TokenIds | None = None
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
     prompt_logprobs: StrictInt | None = None
+    truncate_prompt_tokens: Int | None = None  # keep only the last k prompt tokens; -1: as many as fit
+    # vLLM's: the request's id, as an X-Request-Id header would give it (the header wins)
+    request_id: Annotated[str, Field(pattern=REQUEST_ID_PATTERN)] | None = None
+
+    def check_sampling_supported(self) -> None:
+        check_refused(self, SAMPLING_REFUSED)
+        if self.stream_options is not None:
+            self.stream_options.check_supported()
+        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1 \
+                and self.truncate_prompt_tokens != -1:
+            raise SamplingParamsError(f"truncate_prompt_tokens must be -1 or at least 1, got "
+                                      f"{self.truncate_prompt_tokens}", "truncate_prompt_tokens")
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
                         prompt_logprobs: int | None = None) -> SamplingParams:
@@ -61,10 +103,10 @@ class _SamplingFields(_Request):
         if self.logit_bias:
             logit_bias = {}
             for key, value in self.logit_bias.items():
-                try:
-                    logit_bias[int(key)] = float(value)
-                except ValueError:
-                    raise SamplingParamsError(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
+                if not _TOKEN_ID_KEY.fullmatch(key):
+                    raise SamplingParamsError(f"logit_bias keys must be token ids written in decimal digits, got "
+                                              f"{key!r}", "logit_bias")
+                logit_bias[int(key)] = value
         if self.stream_options is not None and not self.stream:
             raise SamplingParamsError("stream_options is only allowed when stream is true", "stream_options")
         if self.prompt_logprobs is not None and self.stream:  # as in vLLM: they belong to the whole response
@@ -96,12 +138,37 @@ class _SamplingFields(_Request):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
-class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | TokenIds | list[TokenIds]
-    max_tokens: StrictInt | None = 16
-    logprobs: StrictInt | None = None
+def _prompt_kind(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "text"
+    if not isinstance(value, list):
+        return None
+    first = value[0] if value else None
+    return "texts" if isinstance(first, str) else "token_lists" if isinstance(first, list) else "tokens"
+
+
+# One branch validated, chosen by the shape (a plain union would try every branch on a long list of ids).
+Prompt = Annotated[
+    Annotated[str, Tag("text")] | Annotated[list[str], Tag("texts")] | Annotated[TokenIds, Tag("tokens")]
+    | Annotated[list[TokenIds], Tag("token_lists")],
+    Discriminator(_prompt_kind, custom_error_type="prompt_type", custom_error_message=(
+        "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids")),
+]
+# pydantic's labels of those branches in error locations, which are not field names
+PROMPT_TAGS = frozenset({"text", "texts", "tokens", "token_lists"})
+
+
+class CompletionRequest(_SamplingFields, policy_model("_CompletionPolicy", COMPLETION_REFUSED)):
+    prompt: Prompt
+    max_tokens: Int | None = 16
+    logprobs: Int | None = None
     echo: StrictBool = False
-    suffix: str | None = None
+    add_special_tokens: StrictBool = True
+
+    def check_supported(self) -> None:
+        """Refuse, rather than silently ignore, fields whose output this server would not honour."""
+        self.check_sampling_supported()
+        check_refused(self, COMPLETION_REFUSED)
 
     def engine_prompt_logprobs(self) -> int | None:
         """The prompt logprobs the engine computes: vLLM's prompt_logprobs field, and with echo the `logprobs`
@@ -128,16 +195,20 @@ class CompletionRequest(_SamplingFields):
         return prompts
 
 
-class TextPart(_Request):
-    type: Literal["text"]
-    text: str
-
-
 class ContentPart(_Request):
     """Any content part; only text is understood by a text model, so others are refused with a clear error."""
 
     type: str
     text: str | None = None
+    image_url: Any = None
+    input_audio: Any = None
+    file: Any = None
+    video_url: Any = None
+    refusal: str | None = None
+    cache_control: dict[str, Any] | None = None  # a caching hint (Anthropic-style, sent by LiteLLM): metadata
+
+
+_MEDIA_KEYS = ("image_url", "input_audio", "file", "video_url", "refusal")
 
 
 class ChatMessage(_Request):
@@ -148,17 +219,30 @@ class ChatMessage(_Request):
     tool_calls: list[dict[str, Any]] | None = None
     reasoning_content: str | None = None
     reasoning: str | None = None  # vLLM's newer name for reasoning_content, as our responses carry both
+    # What the openai SDK's ChatCompletionMessage.model_dump() carries when an answer is sent back as history.
+    annotations: list[dict[str, Any]] | None = None  # citations of an earlier answer: metadata
+    refusal: str | None = None
+    audio: Any = None
+    function_call: Any = None
 
     def to_template(self, index: int) -> dict[str, Any]:
         """The message as chat templates expect it: content as one string."""
+        for key in ("refusal", "audio", "function_call"):
+            if getattr(self, key) is not None:
+                raise SamplingParamsError(f"messages with {key} are not supported by this text-only server; send "
+                                          "the text as content", f"messages[{index}].{key}")
         content = self.content
         if isinstance(content, list):
             texts = []
             for j, part in enumerate(content):
                 if part.type != "text" or part.text is None:
                     raise SamplingParamsError(
-                        f"content part type {part.type!r} is not supported by this text-only model; "
+                        f"content part type {part.type[:64]!r} is not supported by this text-only model; "
                         "send text parts", f"messages[{index}].content[{j}]")
+                media = next((k for k in _MEDIA_KEYS if getattr(part, k) is not None), None)
+                if media is not None:
+                    raise SamplingParamsError(f"a text part carries only text, not {media}",
+                                              f"messages[{index}].content[{j}].{media}")
                 texts.append(part.text)
             content = "\n".join(texts)
         if content is None and self.role != "assistant":
@@ -172,20 +256,28 @@ class ChatMessage(_Request):
         return message
 
 
-class ResponseFormat(_Request):
-    type: Literal["text", "json_object", "json_schema"]
+def _template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    kwargs = dict(kwargs or {})
+    unknown = sorted(set(kwargs) - ALLOWED_CHAT_TEMPLATE_KWARGS)
+    if unknown:
+        raise SamplingParamsError(
+            f"chat_template_kwargs may only contain {sorted(ALLOWED_CHAT_TEMPLATE_KWARGS)}; got {unknown}",
+            "chat_template_kwargs")
+    if not all(isinstance(v, bool) for v in kwargs.values()):
+        raise SamplingParamsError("chat_template_kwargs.enable_thinking must be true or false",
+                                  "chat_template_kwargs.enable_thinking")
+    return kwargs
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(_SamplingFields, policy_model("_ChatPolicy", CHAT_REFUSED)):
     messages: list[ChatMessage]
-    max_tokens: StrictInt | None = None
-    max_completion_tokens: StrictInt | None = None
+    max_tokens: Int | None = None
+    max_completion_tokens: Int | None = None
     logprobs: StrictBool = False
-    top_logprobs: StrictInt | None = None
+    top_logprobs: Int | None = None
     tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
-    response_format: ResponseFormat | None = None
     add_generation_prompt: StrictBool = True
+    add_special_tokens: StrictBool = False  # the template writes BOS itself
     chat_template_kwargs: dict[str, Any] | None = None
 
     def template_messages(self) -> list[dict[str, Any]]:
@@ -194,22 +286,26 @@ class ChatCompletionRequest(_SamplingFields):
         return [m.to_template(i) for i, m in enumerate(self.messages)]
 
     def template_kwargs(self) -> dict[str, Any]:
-        kwargs = dict(self.chat_template_kwargs or {})
-        unknown = sorted(set(kwargs) - ALLOWED_CHAT_TEMPLATE_KWARGS)
-        if unknown:
-            raise SamplingParamsError(
-                f"chat_template_kwargs may only contain {sorted(ALLOWED_CHAT_TEMPLATE_KWARGS)}; got {unknown}",
-                "chat_template_kwargs")
-        return kwargs
+        return _template_kwargs(self.chat_template_kwargs)
 
     def check_supported(self) -> None:
-        """Refuse, rather than silently ignore, features whose output this server would not honour."""
-        if self.tools and self.tool_choice != "none":
-            raise SamplingParamsError("tool calling is not supported by this server; send tool results as "
-                                      "'tool' messages and leave 'tools' empty", "tools")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise SamplingParamsError("structured output (response_format json_object / json_schema) is not "
-                                      "supported by this server", "response_format")
+        """Refuse, rather than silently ignore, fields whose output this server would not honour."""
+        self.check_sampling_supported()
+        check_refused(self, CHAT_REFUSED)
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        try:
+            return super().sampling_params(max_tokens, logprobs)
+        except SamplingParamsError as exc:
+            raise self.in_chat_terms(exc) from None
+
+    def in_chat_terms(self, exc: SamplingParamsError) -> SamplingParamsError:
+        """An error about the prompt or max_tokens, naming the field this request used for it."""
+        if exc.param == "prompt":  # a chat request's prompt is its messages
+            exc.param = "messages"
+        elif exc.param == "max_tokens" and self.max_completion_tokens is not None:
+            exc.param = "max_completion_tokens"
+        return exc
 
     def effective_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -220,12 +316,22 @@ class ChatCompletionRequest(_SamplingFields):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-class TokenizeRequest(_Request):
+class TokenizeRequest(_Request, policy_model("_TokenizePolicy", TOKENIZE_REFUSED)):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: StrictBool = True
+    add_special_tokens: StrictBool | None = None  # default: true for a prompt, false for messages (as chat)
     add_generation_prompt: StrictBool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: StrictBool = False
+
+    def check_supported(self) -> None:
+        check_refused(self, TOKENIZE_REFUSED)
+        if (self.prompt is None) == (self.messages is None):
+            raise SamplingParamsError("give exactly one of 'prompt' and 'messages'", "prompt")
+
+    def template_kwargs(self) -> dict[str, Any]:
+        return _template_kwargs(self.chat_template_kwargs)
 
 
 class DetokenizeRequest(_Request):

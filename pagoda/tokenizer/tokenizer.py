@@ -142,8 +142,13 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids for `text`; special tokens written in the text (e.g. "<|im_start|>") are recognized.
-        `add_special_tokens` adds the model's BOS/EOS where its tokenizer asks for them."""
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        `add_special_tokens` adds the model's BOS/EOS where its tokenizer asks for them.
+
+        Through `encode_batch_fast`: it releases the GIL while it works (so a server thread tokenizing a long
+        prompt does not stall the event loop) and skips character offsets, which `encode` builds and then frees
+        with the GIL held (~0.2 s for 400k tokens). Same ids."""
+        [encoding] = self._tok.encode_batch_fast([text], add_special_tokens=add_special_tokens)
+        return encoding.ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
