@@ -28,9 +28,11 @@ browser:
 
 HOST ?= 127.0.0.1
 PORT ?= 8000
+SERVE_ARGS ?=
 
+# e.g. make serve SERVE_ARGS="-tp 2"
 serve: model
-	$(PAGODA) serve $(MODEL) --host $(HOST) --port $(PORT)
+	$(PAGODA) serve $(MODEL) --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
 test: model browser
 	$(VENV)/bin/ruff check .
