@@ -19,7 +19,7 @@
 // tables cos, sin [max_positions, D/2] (rotate-half layout). Every K dimension is a multiple of 32.
 
 #include "paged_attention.cpp"
-#include "quant_linear.cpp"
+#include "quant_linear.cpp"  // both include kernel_abi.h
 
 namespace {
 
@@ -176,6 +176,14 @@ void attention(const Stack& S, const Layer& L, const Batch& B, float* qkv, float
 }  // namespace
 
 extern "C" {
+
+// The sizes of the structs native_stack.py mirrors with ctypes, checked there before the first call.
+void llama_stack_struct_sizes(int64_t* out) {
+    out[0] = sizeof(QLinear);
+    out[1] = sizeof(Layer);
+    out[2] = sizeof(Stack);
+    out[3] = sizeof(Batch);
+}
 
 // h [T, hidden]: the embedded tokens in, the last layer's residual stream out; out [T, hidden]: the final norm.
 void llama_stack_forward(const Stack* stack, const Batch* batch, float* h, float* out, int threads) {

@@ -24,6 +24,8 @@
 // split the rounding of x by rows when there are many).
 
 #include <immintrin.h>
+
+#include "kernel_abi.h"
 #include <omp.h>
 
 #include <cstdint>

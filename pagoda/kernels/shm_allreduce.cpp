@@ -16,6 +16,8 @@
 // once — when a peer's process is gone or `timeout_s` passes.
 
 #include <immintrin.h>
+
+#include "kernel_abi.h"
 #include <sched.h>
 #include <signal.h>
 #include <time.h>

@@ -62,8 +62,17 @@ class _Batch(ctypes.Structure):
                 ("block_size", _I64)]
 
 
+_MIRRORED_STRUCTS = (_QLinear, _Layer, _Stack, _Batch)  # the order of llama_stack_struct_sizes
+
+
 def _load_kernel() -> ctypes.CDLL:
     lib = kernels.load("llama_stack")
+    sizes = (ctypes.c_int64 * len(_MIRRORED_STRUCTS))()
+    lib.llama_stack_struct_sizes(sizes)
+    expected = [ctypes.sizeof(struct) for struct in _MIRRORED_STRUCTS]
+    if list(sizes) != expected:
+        raise kernels.KernelBuildError(f"llama_stack's structs {list(sizes)} bytes do not match their ctypes "
+                                       f"mirrors in native_stack.py {expected}")
     lib.llama_stack_forward.argtypes = [ctypes.POINTER(_Stack), ctypes.POINTER(_Batch), _P, _P, ctypes.c_int]
     lib.llama_stack_forward.restype = None
     return lib
