@@ -170,3 +170,20 @@ def test_sigterm_ends_every_stream_and_exits_0(small_server):
         assert "shut down" in last["error"]["message"]
     log = small_server.log()
     assert "cut 2 requests still running after 2 s" in log
+
+
+def test_access_log_only_with_the_flag(smollm_gguf, tmp_path, server, http):
+    http.get("/v1/models")
+    assert '"GET /v1/models HTTP/1.1" 200' not in server.log()
+    logged = ServerProcess(smollm_gguf, "--access-log", "--kv-cache-memory", "64MiB", "--max-model-len", "512",
+                           log_dir=tmp_path).start()
+    try:
+        httpx.get(f"{logged.url}/v1/models")
+        httpx.get(f"{logged.url}/v1/models/nothing-here")
+        deadline = time.monotonic() + 10
+        while '"GET /v1/models/nothing-here HTTP/1.1" 404' not in logged.log():
+            assert time.monotonic() < deadline, logged.log()
+            time.sleep(0.05)
+        assert '"GET /v1/models HTTP/1.1" 200' in logged.log()
+    finally:
+        logged.stop()
