@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import shutil
+import os
 
 import pytest
 
@@ -19,6 +19,14 @@ def kernel_home(tmp_path, monkeypatch):
     monkeypatch.setenv("PAGODA_HOME", str(tmp_path))
     monkeypatch.setattr(kernels, "_loaded", {})
     return tmp_path / "kernels"
+
+
+def _replace(path, data: bytes) -> None:
+    """Put `data` at `path` as a new file: a library already loaded from `path` is mapped from the old inode, and
+    writing into that one in place would change the code under the running process."""
+    staged = path.with_name(path.name + ".staged")
+    staged.write_bytes(data)
+    os.replace(staged, path)
 
 
 def _built(home, name):
@@ -45,11 +53,12 @@ def test_a_library_built_for_another_target_is_rebuilt_not_loaded(kernel_home, m
     # keys collide, or a file copied by hand): it must be rebuilt before anything loads it.
     monkeypatch.setitem(kernels._target_cache, cxx, here)
     monkeypatch.setattr(kernels, "_loaded", {})
-    shutil.move(foreign, foreign.with_name("foreign.tmp"))
+    foreign_bytes = foreign.read_bytes()
+    foreign.unlink()
     kernels.load("shm_allreduce")
     ours = _built(kernel_home, "shm_allreduce")
     assert ours != foreign
-    shutil.copy(foreign.with_name("foreign.tmp"), ours)
+    _replace(ours, foreign_bytes)
     assert kernels.library_marker(ours)[0] == "0123456789abcdef"
     monkeypatch.setattr(kernels, "_loaded", {})
     with caplog.at_level(logging.WARNING, logger="pagoda"):
@@ -63,7 +72,7 @@ def test_a_library_of_another_abi_or_without_a_marker_is_rebuilt(kernel_home, mo
     path = _built(kernel_home, "shm_allreduce")
     good = path.read_bytes()
     for data in (good.replace(f";abi={kernels.ABI_VERSION}]".encode(), b";abi=0]"), b"not a library at all"):
-        path.write_bytes(data)
+        _replace(path, data)
         monkeypatch.setattr(kernels, "_loaded", {})
         kernels.load("shm_allreduce")
         assert kernels.library_marker(path) == (kernels.native_target(kernels._compiler()), kernels.ABI_VERSION)
