@@ -34,11 +34,11 @@ def _built(home, name):
     return path
 
 
-def test_every_library_carries_its_target_and_abi(kernel_home):
-    kernels.load("shm_allreduce")
+@pytest.mark.parametrize("name", sorted(path.stem for path in kernels.SOURCE_DIR.glob("*.cpp")))
+def test_every_library_carries_its_target_and_abi(kernel_home, name):
+    kernels.load(name)
     cxx = kernels._compiler()
-    assert kernels.library_marker(_built(kernel_home, "shm_allreduce")) == (kernels.native_target(cxx),
-                                                                            kernels.ABI_VERSION)
+    assert kernels.library_marker(_built(kernel_home, name)) == (kernels.native_target(cxx), kernels.ABI_VERSION)
 
 
 def test_a_library_built_for_another_target_is_rebuilt_not_loaded(kernel_home, monkeypatch, caplog):

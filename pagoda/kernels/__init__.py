@@ -106,9 +106,10 @@ def load(name: str) -> ctypes.CDLL:
         flags = [*CXXFLAGS, f'-DPAGODA_KERNEL_TARGET="{cpu}"', f"-DPAGODA_KERNEL_ABI={ABI_VERSION}"]
         key = hashlib.sha256(sources + " ".join([cxx, *flags, version]).encode()).hexdigest()[:16]
         target = _cache_dir() / f"{name}-{key}.so"
-        if target.exists() and library_marker(target) != (cpu, ABI_VERSION):
+        found = library_marker(target) if target.exists() else None
+        if target.exists() and found != (cpu, ABI_VERSION):
             logger.warning("kernel %s was built for another target or ABI (%s, here %s): rebuilding", target.name,
-                           library_marker(target), (cpu, ABI_VERSION))
+                           found, (cpu, ABI_VERSION))
             target.unlink(missing_ok=True)  # a concurrent loader may have removed it already
         if not target.exists():
             _build(cxx, flags, source, target)

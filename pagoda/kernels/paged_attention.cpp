@@ -36,12 +36,12 @@
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
-
-#include "kernel_abi.h"
 #define PAGODA_AVX2 1
 #else
 #define PAGODA_AVX2 0
 #endif
+
+#include "kernel_abi.h"
 
 namespace {
 

@@ -24,14 +24,14 @@
 // split the rounding of x by rows when there are many).
 
 #include <immintrin.h>
-
-#include "kernel_abi.h"
 #include <omp.h>
 
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
 #include <vector>
+
+#include "kernel_abi.h"
 
 namespace {
 

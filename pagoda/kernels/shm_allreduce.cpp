@@ -16,8 +16,6 @@
 // once — when a peer's process is gone or `timeout_s` passes.
 
 #include <immintrin.h>
-
-#include "kernel_abi.h"
 #include <sched.h>
 #include <signal.h>
 #include <time.h>
@@ -26,6 +24,8 @@
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
+
+#include "kernel_abi.h"
 
 namespace {
 
