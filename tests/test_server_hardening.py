@@ -187,3 +187,43 @@ def test_access_log_only_with_the_flag(smollm_gguf, tmp_path, server, http):
         assert '"GET /v1/models HTTP/1.1" 200' in logged.log()
     finally:
         logged.stop()
+
+
+# ---- a live event loop: /health while big bodies are parsed and long prompts tokenized -------------------------
+
+def test_health_answers_within_100ms_during_a_20mb_body_and_8_long_tokenizations(smollm_gguf, tmp_path):
+    """The body is parsed, and the prompts tokenized, on the CPU pool: /health, served by the event loop alone,
+    keeps answering. Latency is measured on a keep-alive connection (no connect time)."""
+    proc = ServerProcess(smollm_gguf, "--served-model-name", "smol", "--max-request-bytes", "32MiB",
+                         "--kv-cache-memory", "64MiB",
+                         "--max-model-len", "1024", log_dir=tmp_path).start()
+    sentence = "The quick brown fox jumps over the lazy dog while the river runs to the sea. "
+    huge = json.dumps({"model": "smol", "prompt": sentence * (20_000_000 // len(sentence))}).encode()
+    assert 20_000_000 <= len(huge) < 32 * 1024 * 1024
+    long_prompt = sentence * 4000  # ~300 kB: a long tokenization each
+    busy = 9
+
+    def post(route: str, content: bytes) -> httpx.Response:
+        with httpx.Client(base_url=proc.url, timeout=300) as c:
+            return c.post(route, content=content, headers={"Content-Type": "application/json"})
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(busy) as pool, httpx.Client(base_url=proc.url) as probe:
+            probe.get("/health")  # open the keep-alive connection
+            futures = [pool.submit(post, "/v1/completions", huge)]
+            futures += [pool.submit(post, "/tokenize", json.dumps({"prompt": long_prompt}).encode())
+                        for _ in range(busy - 1)]
+            latencies = []
+            while not all(f.done() for f in futures):
+                start = time.perf_counter()
+                assert probe.get("/health").status_code == 200
+                latencies.append(time.perf_counter() - start)
+                time.sleep(0.02)
+            answers = [f.result() for f in futures]
+        assert _is_openai_error(answers[0], 400, "prompt")["code"] == "context_length_exceeded"
+        assert all(a.status_code == 200 and a.json()["count"] > 60_000 for a in answers[1:])
+        assert len(latencies) >= 20, "the load ended before /health was probed under it"
+        print(f"/health: {len(latencies)} probes, worst {max(latencies) * 1000:.1f} ms")
+        assert max(latencies) < 0.1, sorted(latencies)[-5:]
+    finally:
+        proc.stop()

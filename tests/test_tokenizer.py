@@ -318,3 +318,14 @@ def test_random_text_gemma(gemma, gemma_ref):
         assert ids == gemma_ref(text)["input_ids"], text
         for skip in (True, False):
             assert gemma.decode(ids, skip_special_tokens=skip) == gemma_ref.decode(ids, skip_special_tokens=skip)
+
+
+def test_encode_bounded_refuses_by_count(smol):
+    from pagoda.tokenizer.tokenizer import TooManyTokensError
+
+    text = "The quick brown fox jumps over the lazy dog. " * 50
+    ids = smol.encode(text)
+    assert smol.encode_bounded(text, max_tokens=len(ids)) == ids
+    with pytest.raises(TooManyTokensError) as info:
+        smol.encode_bounded(text, max_tokens=len(ids) - 1)
+    assert info.value.count == len(ids)

@@ -29,6 +29,7 @@ from pagoda.engine.admission import Admission, EngineOverloadedError, Ticket
 from pagoda.engine.llm_engine import EngineStats, LLMEngine
 from pagoda.engine.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
+from pagoda.tokenizer.tokenizer import TooManyTokensError
 
 logger = logging.getLogger("pagoda")
 
@@ -123,7 +124,13 @@ class AsyncEngine:
         `truncate_prompt_tokens` keeps the last k tokens (-1: as many as leave room for one generated token),
         and the text is then dropped (it no longer matches). Raises SamplingParamsError (and subclasses)."""
         if isinstance(prompt, str):
-            text, prompt_ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+            # Without truncation a prompt over the context is refused by its count alone (see encode_bounded)
+            bound = self.engine.max_model_len - 1 if truncate_prompt_tokens is None else None
+            try:
+                text, prompt_ids = prompt, self.tokenizer.encode_bounded(prompt, add_special_tokens,
+                                                                         max_tokens=bound)
+            except TooManyTokensError as exc:
+                raise self.engine.prompt_too_long(exc.count) from None
         else:
             text, prompt_ids = self.engine.process_prompt(prompt)
         if truncate_prompt_tokens is not None:

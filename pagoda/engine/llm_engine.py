@@ -127,6 +127,11 @@ class LLMEngine:
             return prompt, self.tokenizer.encode(prompt)
         return None, [int(t) for t in prompt]
 
+    def prompt_too_long(self, num_prompt_tokens: int) -> PromptTooLongError:
+        return PromptTooLongError(
+            f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt has "
+            f"{num_prompt_tokens} tokens, which leaves no room for a completion.", "prompt")
+
     def validate_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
         vocab = self.model_config.vocab_size
         if not prompt_ids:
@@ -135,9 +140,7 @@ class LLMEngine:
         if bad is not None:
             raise SamplingParamsError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})", "prompt")
         if len(prompt_ids) + 1 > self.max_model_len:
-            raise PromptTooLongError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt has "
-                f"{len(prompt_ids)} tokens, which leaves no room for a completion.", "prompt")
+            raise self.prompt_too_long(len(prompt_ids))
         # A max_tokens the context could never hold is a mistake, not a wish to cap (a smaller one is capped).
         if params.max_tokens is not None and params.max_tokens > self.max_model_len:
             raise SamplingParamsError(f"max_tokens is {params.max_tokens}, more than this model's context of "

@@ -22,6 +22,14 @@ from pagoda.tokenizer.gguf_vocab import build_gguf_tokenizer
 _NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
+class TooManyTokensError(ValueError):
+    """A text has more tokens than the caller's bound; `count` is how many."""
+
+    def __init__(self, count: int):
+        super().__init__(f"the text has {count} tokens")
+        self.count = count
+
+
 class Tokenizer:
     """One model's tokenizer; immutable after construction except `chat_template`, which a caller may override."""
 
@@ -147,7 +155,15 @@ class Tokenizer:
         Through `encode_batch_fast`: it releases the GIL while it works (so a server thread tokenizing a long
         prompt does not stall the event loop) and skips character offsets, which `encode` builds and then frees
         with the GIL held (~0.2 s for 400k tokens). Same ids."""
+        return self.encode_bounded(text, add_special_tokens)
+
+    def encode_bounded(self, text: str, add_special_tokens: bool = True, *, max_tokens: int | None = None) -> list[int]:
+        """`encode`, but a text of more than `max_tokens` tokens raises TooManyTokensError(count) before its ids
+        become a Python list: building (and later freeing) that list holds the GIL, ~0.2 s for 4M tokens, so
+        an oversized prompt is refused at the cost of its (GIL-free) tokenization alone."""
         [encoding] = self._tok.encode_batch_fast([text], add_special_tokens=add_special_tokens)
+        if max_tokens is not None and len(encoding) > max_tokens:
+            raise TooManyTokensError(len(encoding))
         return encoding.ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
