@@ -22,8 +22,8 @@ import collections
 import json
 import random
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +31,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pagoda.kernels import host_isa
-from tests.servers import free_port, metric, wait_healthy
+from tests.servers import ServerProcess, metric
 
 WORDS = ("river mountain lantern copper violet harbor meadow engine orbit thunder pepper marble falcon canyon "
          "velvet signal glacier compass ember willow quartz rocket saffron tunnel").split()
@@ -229,20 +229,15 @@ def main() -> int:
     parser.add_argument("--out", help="also write the JSON result here")
     args = parser.parse_args()
     server, url, pid = None, args.url, args.pid
-    if url is None:
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"  # loopback only
-        server = subprocess.Popen([sys.executable, "-m", "pagoda.cli", "--log-level", "WARNING", "serve", args.model,
-                                   "--host", "127.0.0.1", "--port", str(port), "--served-model-name", MODEL])
-        wait_healthy(url, 180, server)
-        pid = server.pid
+    if url is None:  # loopback only; the server's log goes to a temporary file
+        server = ServerProcess(args.model, "--served-model-name", MODEL, log_dir=Path(tempfile.mkdtemp())).start(180)
+        url, pid = server.url, server.process.pid
     try:
         result = asyncio.run(soak(url, args.minutes, args.clients, args.max_requests, args.bad_fraction,
                                   args.disconnect_fraction, pid, args.seed))
     finally:
         if server is not None:
-            server.terminate()
-            server.wait(60)
+            server.stop()
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
