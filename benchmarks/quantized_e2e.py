@@ -1,9 +1,10 @@
 """End-to-end quantized (gguf: the file's own blocks; int8: requantized) weights and fp16 KV cache vs fp32
 weights and cache on the default model: decode speed and output quality.
 
-A configuration is QUANTIZATION[+KV_CACHE_DTYPE]: "gguf" is the default engine (the GGUF's blocks, fp16 KV
-cache on the CPU), "gguf+float32" the same weights with an fp32 cache; the reference "fp32" has fp32 weights and
-an fp32 cache.
+A configuration is QUANTIZATION[+KV_CACHE_DTYPE][@KERNEL_PLAN]: "gguf" is the default engine (the GGUF's blocks,
+fp16 KV cache on the CPU, the kernel plan measured on this CPU), "gguf+float32" the same weights with an fp32 cache,
+"gguf@kernel" the compiled kernels at every size, "gguf@bf16:1" bf16 GEMMs (oneDNN) for every call; the reference
+"fp32" has fp32 weights and an fp32 cache.
 
 Speed: one request (or --batch requests at once), greedy, ignore_eos, --tokens tokens; time per output token
 after the first (steps after the prefill step), best of --repeats runs.
@@ -13,6 +14,7 @@ differences of fp32's chosen tokens.
 
     python benchmarks/quantized_e2e.py [--model PATH_OR_NAME] [--methods gguf,gguf+float32,int8] [--tokens 128]
                                        [--batch 1,16]
+    python benchmarks/quantized_e2e.py --methods gguf@kernel,gguf@bf16:1,gguf@bf16:64 --batch 1 --repeats 1
 """
 
 from __future__ import annotations
@@ -102,8 +104,11 @@ def main() -> None:
     methods = args.methods.split(",")
     llms = {"fp32": LLM(args.model, quantization=None, kv_cache_dtype="float32", **kwargs)}
     for method in methods:
-        quantization, _, kv_cache_dtype = method.partition("+")
-        llms[method] = LLM(args.model, quantization=quantization, kv_cache_dtype=kv_cache_dtype or "auto", **kwargs)
+        weights, _, plan = method.partition("@")
+        quantization, _, kv_cache_dtype = weights.partition("+")
+        llms[method] = LLM(args.model, quantization=quantization, kv_cache_dtype=kv_cache_dtype or "auto",
+                           kernel_plan=plan or "auto", **kwargs)
+        print(f"{method}: kernel plan {llms[method].engine.plan.kernel_plan}", flush=True)
     print(f"threads={torch.get_num_threads()}")
     for batch in (int(b) for b in args.batch.split(",")):
         for name, llm in llms.items():

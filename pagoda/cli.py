@@ -29,6 +29,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
                    help="element type of the KV cache; auto (default): float16 for a float32 model on the CPU "
                         "(half the memory traffic of decode attention), else the model's dtype")
+    p.add_argument("--kernel-plan", default="auto", metavar="auto|kernel|bf16:N",
+                   help="the path of the quantized linear layers by rows per call: auto (default) times the "
+                        "compiled kernels against bf16 GEMMs (oneDNN: AMX where the CPU has it) on the model's "
+                        "shapes at load, cached per machine; kernel: the compiled kernels only; bf16:N: bf16 "
+                        "GEMMs from N rows on. `pagoda kernel-plan` prints the timings")
     g = p.add_argument_group("parallelism (torch.distributed; see README)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split every layer's matrices over N ranks (default: 1)")
@@ -54,7 +59,8 @@ def _engine_config(args: argparse.Namespace):
                         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                         max_prefill_tokens=args.max_prefill_tokens, attention_backend=args.attention_backend,
                         quantization=None if args.quantization == "none" else args.quantization,
-                        kv_cache_dtype=args.kv_cache_dtype, tensor_parallel_size=args.tensor_parallel_size,
+                        kv_cache_dtype=args.kv_cache_dtype, kernel_plan=args.kernel_plan,
+                        tensor_parallel_size=args.tensor_parallel_size,
                         pipeline_parallel_size=args.pipeline_parallel_size,
                         pipeline_layers=_int_list(args.pipeline_layers), threads_per_rank=args.threads_per_rank,
                         distributed_timeout=args.distributed_timeout)
@@ -272,6 +278,22 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kernel_plan(args: argparse.Namespace) -> int:
+    import torch
+
+    from pagoda.model_store import resolve_model
+    from pagoda.worker.model_loader import load_model
+
+    config = _engine_config(args)
+    if config.parallel.world_size > 1:
+        raise SystemExit("pagoda kernel-plan measures one rank: run it with --threads-per-rank instead of -tp/-pp")
+    if args.threads_per_rank:
+        torch.set_num_threads(args.threads_per_rank)
+    loaded = load_model(resolve_model(config.model), config, remeasure_kernels=not args.cached)
+    print(loaded.kernel_plan.table())
+    return 0
+
+
 def _version() -> str:
     from pagoda import __version__
 
@@ -335,6 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.7, help="(default: 0.7)")
     p.set_defaults(func=cmd_chat)
 
+    p = sub.add_parser("kernel-plan", help="time the quantized layers' paths on this CPU and print the plan "
+                                           "`serve` would use (measured afresh, and cached for the next start)")
+    _engine_args(p)
+    p.add_argument("--cached", action="store_true", help="print the cached plan when there is one")
+    p.set_defaults(func=cmd_kernel_plan)
     bench = sub.add_parser("bench", help="benchmarks: load on a server, or the offline engine's throughput")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     p = bench_sub.add_parser("serve", help="load-test any OpenAI-compatible server with streaming requests")

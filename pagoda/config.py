@@ -138,6 +138,9 @@ class EngineConfig:
     # requantize every linear layer. See layers/quantized.py.
     quantization: str | None = "auto"
     kv_cache_dtype: str = "auto"  # "auto": fp16 for an fp32 model on the CPU, else the model's dtype
+    # Which path the quantized linear layers take by rows per call: "auto" (timed on this CPU, cached), "kernel"
+    # or "bf16:N" (worker/kernel_plan.py).
+    kernel_plan: str = "auto"
     # Parallelism (parallel/): world size = tensor x pipeline; workers are spawned by the engine, or launched by
     # torchrun (then every process runs the engine's rank of the world it finds in the environment).
     tensor_parallel_size: int = 1
@@ -148,6 +151,9 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         _ = self.parallel  # validates the sizes
+        from pagoda.worker.kernel_plan import parse_mode
+
+        parse_mode(self.kernel_plan)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -2,7 +2,8 @@
 
 Every choice is made once, while the rank loads (worker/model_loader.py), by the function that owns it: the compute
 dtype (EngineConfig.torch_dtype), the KV cache element type (worker/kv_cache.py), the attention backend
-(layers/attention_select.py), the linear weight format (layers/quantized.py), whether the native decoder stack
+(layers/attention_select.py), the linear weight format (layers/quantized.py), the path each quantized layer takes by
+rows per call (worker/kernel_plan.py, timed on this CPU), whether the native decoder stack
 runs (models/native_stack.py), and the parallel layout (parallel/layout.py). The plan records the results and
 why, is logged as one line, and is served at GET /v1/engine.
 """
@@ -23,6 +24,8 @@ class ExecutionPlan:
     native_stack: bool
     native_stack_reason: str  # "every step", "steps of up to N tokens", or why not
     kernel_isa: str  # the CPU extensions the native kernels are built for (-march=native)
+    kernel_variant: str  # the quantized kernels' integer dot products: "avx512vnni", "avxvnni", "avx2" or "torch"
+    kernel_plan: str  # which path each quantized layer shape takes by rows per call (worker/kernel_plan.py)
     threads: int
     tensor_parallel_size: int
     pipeline_parallel_size: int
@@ -51,4 +54,6 @@ class ExecutionPlan:
                 f"({self.kv_cache_blocks} blocks, {self.kv_cache_bytes / 2**30:.2f} GiB, "
                 f"{self.kv_bytes_per_token} B/token), attention {self.attention_backend} ({self.attention_reason}), "
                 f"decoder stack {'native' if self.native_stack else 'torch'} ({self.native_stack_reason}), "
-                f"kernels for {self.kernel_isa or 'unknown ISA'}, {self.threads} threads")
+                f"kernels for {self.kernel_isa or 'unknown ISA'} ({self.kernel_variant} dot products), "
+                f"kernel plan {self.kernel_plan}, "
+                f"{self.threads} threads")

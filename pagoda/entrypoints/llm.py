@@ -19,7 +19,7 @@ class LLM:
                  max_num_seqs: int = 64, max_model_len: int | None = None, max_prefill_tokens: int = 512,
                  block_size: int = 16, enable_prefix_caching: bool = True, device: str = "cpu",
                  attention_backend: str = "auto", quantization: str | None = "auto", kv_cache_dtype: str = "auto",
-                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+                 kernel_plan: str = "auto", tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
                  pipeline_layers: Sequence[int] | None = None, threads_per_rank: int | None = None,
                  distributed_timeout: float = 60.0, progress: bool = True):
         """With tensor_parallel_size x pipeline_parallel_size > 1 the engine spawns its worker ranks (processes);
@@ -30,7 +30,8 @@ class LLM:
             model=model or DEFAULT_MODEL, dtype=dtype, kv_cache_memory=kv_cache_memory, block_size=block_size,
             max_num_seqs=max_num_seqs, max_prefill_tokens=max_prefill_tokens, max_model_len=max_model_len,
             enable_prefix_caching=enable_prefix_caching, device=device, attention_backend=attention_backend,
-            quantization=quantization, kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tensor_parallel_size,
+            quantization=quantization, kv_cache_dtype=kv_cache_dtype, kernel_plan=kernel_plan,
+            tensor_parallel_size=tensor_parallel_size,
             pipeline_parallel_size=pipeline_parallel_size,
             pipeline_layers=tuple(pipeline_layers) if pipeline_layers else None, threads_per_rank=threads_per_rank,
             distributed_timeout=distributed_timeout), progress=progress)

@@ -56,7 +56,7 @@ def host_isa() -> str:
 
 # The version of the kernels' C interface (signatures, shared structs). Bump it with any such change: a library
 # of another version is rebuilt.
-ABI_VERSION = 1
+ABI_VERSION = 2
 _MARKER = re.compile(rb"PAGODA_KERNEL\[target=([0-9a-f]+);abi=([0-9]+)\]")
 _target_cache: dict[str, str] = {}
 
@@ -92,18 +92,30 @@ def _compiler() -> str:
     return cxx
 
 
-def load(name: str) -> ctypes.CDLL:
-    """Compile (once, cached) and load pagoda/kernels/<name>.cpp."""
+def _sources() -> bytes:
+    return b"".join(path.read_bytes() for path in sorted([*SOURCE_DIR.glob("*.cpp"), *SOURCE_DIR.glob("*.h")]))
+
+
+def source_digest() -> str:
+    """A digest of the kernels' sources: what a measurement of their speed (the kernel plan) depends on."""
+    return hashlib.sha256(_sources()).hexdigest()[:16]
+
+
+def load(name: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Compile (once, cached) and load pagoda/kernels/<name>.cpp. `defines`: extra preprocessor macros, e.g.
+    ("PAGODA_NO_VNNI",) for the AVX2 baseline of a kernel that has faster variants (tests compare them)."""
     with _lock:
-        if name in _loaded:
-            return _loaded[name]
+        loaded_key = name if not defines else f"{name}[{','.join(defines)}]"
+        if loaded_key in _loaded:
+            return _loaded[loaded_key]
         source = SOURCE_DIR / f"{name}.cpp"
         cxx = _compiler()
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
-        sources = b"".join(path.read_bytes() for path in sorted([*SOURCE_DIR.glob("*.cpp"), *SOURCE_DIR.glob("*.h")]))
+        sources = _sources()
         # The resolved target is part of the key: `-march=native` on one CPU may emit instructions another lacks.
         cpu = native_target(cxx)
-        flags = [*CXXFLAGS, f'-DPAGODA_KERNEL_TARGET="{cpu}"', f"-DPAGODA_KERNEL_ABI={ABI_VERSION}"]
+        flags = [*CXXFLAGS, f'-DPAGODA_KERNEL_TARGET="{cpu}"', f"-DPAGODA_KERNEL_ABI={ABI_VERSION}",
+                 *(f"-D{d}" for d in defines)]
         key = hashlib.sha256(sources + " ".join([cxx, *flags, version]).encode()).hexdigest()[:16]
         target = _cache_dir() / f"{name}-{key}.so"
         found = library_marker(target) if target.exists() else None
@@ -117,7 +129,7 @@ def load(name: str) -> ctypes.CDLL:
             library = ctypes.CDLL(str(target))
         except OSError as exc:
             raise KernelBuildError(f"loading {target} failed: {exc}") from exc
-        _loaded[name] = library
+        _loaded[loaded_key] = library
         return library
 
 

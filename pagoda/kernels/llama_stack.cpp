@@ -6,7 +6,8 @@
 // and at the end out = rmsnorm(h). With tensor parallelism the stack is one rank's shard (its heads and its slice
 // of the MLP): the o and down projections give partial sums, which the all_reduce callback (torch.distributed,
 // called from this thread between parallel regions) sums over the group before the residual add. A pipeline
-// stage runs its own layers; only the last one has a final norm. The linear layers are the quantized kernels of quant_linear.cpp, attention
+// stage runs its own layers; only the last one has a final norm. The linear layers are the quantized kernels of
+// quant_linear.cpp, or, for calls of as many rows as the kernel plan says, a dense GEMM called back in torch; attention
 // is paged_attention.cpp (both included below, so one library holds the whole step). The semantics are the
 // torch modules' (models/llama.py, models/qwen3.py, layers/common.py): the tests compare the two paths.
 //
@@ -30,6 +31,8 @@ struct QLinear {
     const void* q;
     const uint16_t* d;
     const uint16_t* m;  // q4 offsets; null for int8
+    int64_t dense_from;  // calls of at least this many rows go to Stack::dense_gemm (0: never; the kernel plan)
+    int64_t id;          // the layer's index for dense_gemm
 };
 
 struct Layer {
@@ -51,6 +54,9 @@ struct Stack {
     const float* final_norm;  // null: not the last pipeline stage (out = h)
     const Layer* layers;
     void (*all_reduce)(float* data, int64_t n);  // null: one rank
+    // y[M, n] = x[M, k] @ W^T of layer `id` on its dequantized weight (a bf16 GEMM through torch/oneDNN: AMX where
+    // the CPU has it), called from this thread between parallel regions; null: the kernels only.
+    void (*dense_gemm)(int64_t id, const float* x, int64_t M, float* y);
 };
 
 struct Batch {
@@ -64,8 +70,10 @@ struct Batch {
     int64_t num_decodes, num_requests, block_size;
 };
 
-void linear(const QLinear& w, const float* x, int64_t M, float* y, int threads) {
-    if (w.kind == INT8)
+void linear(const Stack& S, const QLinear& w, const float* x, int64_t M, float* y, int threads) {
+    if (S.dense_gemm != nullptr && w.dense_from > 0 && M >= w.dense_from)
+        S.dense_gemm(w.id, x, M, y);
+    else if (w.kind == INT8)
         int8_linear(x, M, w.k, w.k, static_cast<const int8_t*>(w.q), w.d, w.n, y, w.n, threads);
     else if (w.kind == Q4)
         q4_linear(x, M, w.k, w.k, static_cast<const uint8_t*>(w.q), w.d, w.m, w.n, y, w.n, threads);
@@ -195,18 +203,18 @@ void llama_stack_forward(const Stack* stack, const Batch* batch, float* h, float
     for (int64_t l = 0; l < S.num_layers; ++l) {
         const Layer& L = S.layers[l];
         norm_rows(h, L.attn_norm, S, T, buf.x.data(), threads);
-        linear(L.qkv, buf.x.data(), T, buf.qkv.data(), threads);
+        linear(S, L.qkv, buf.x.data(), T, buf.qkv.data(), threads);
         attention(S, L, B, buf.qkv.data(), buf.attn.data(), threads);
-        linear(L.o, buf.attn.data(), T, buf.tmp.data(), threads);
+        linear(S, L.o, buf.attn.data(), T, buf.tmp.data(), threads);
         if (S.all_reduce != nullptr) S.all_reduce(buf.tmp.data(), T * S.hidden);
         add_rows(h, buf.tmp.data(), T * S.hidden);
         norm_rows(h, L.ffn_norm, S, T, buf.x.data(), threads);
-        linear(L.gate_up, buf.x.data(), T, buf.gate_up.data(), threads);
+        linear(S, L.gate_up, buf.x.data(), T, buf.gate_up.data(), threads);
         const float* gate_up = buf.gate_up.data();
         float* act = buf.act.data();
 #pragma omp parallel for num_threads(threads) if (T >= PARALLEL_ROWS)
         for (int64_t t = 0; t < T; ++t) silu_mul(gate_up + t * 2 * I, gate_up + t * 2 * I + I, I, act + t * I);
-        linear(L.down, buf.act.data(), T, buf.tmp.data(), threads);
+        linear(S, L.down, buf.act.data(), T, buf.tmp.data(), threads);
         if (S.all_reduce != nullptr) S.all_reduce(buf.tmp.data(), T * S.hidden);
         add_rows(h, buf.tmp.data(), T * S.hidden);
     }

@@ -1,4 +1,4 @@
-// Quantized-weight linear layers for AVX2: y[M, N] = x[M, K] @ W[N, K]^T with x and y fp32 and W in one of
+// Quantized-weight linear layers for AVX2 (VNNI where the CPU has it): y[M, N] = x[M, K] @ W[N, K]^T with x and y fp32 and W in one of
 // two packed formats:
 //   int8  Q8_0-style: symmetric int8, one fp16 scale per group of 32 weights along K;
 //   q4    Q4_1-style: 4-bit codes c in [0, 15], w = d * c + m with fp16 d and m per group of 32 (exactly the
@@ -37,6 +37,27 @@ namespace {
 
 constexpr int QK = 32;  // weights per scale group along K
 constexpr int NT = 16;  // output rows per tile
+
+// Integer dot products: with VNNI (AVX512-VNNI on 256-bit registers, or AVX-VNNI) one instruction multiplies and
+// accumulates into int32 lanes where AVX2 needs a madd and an add (int16 x int16, `vpdpwssd`) or a maddubs, an
+// int16 add and a final madd by ones (uint8 x int8, `vpdpbusd`). Neither saturates, so both give the same exact
+// int32 sums as the AVX2 sequence: outputs are bit-identical whichever variant the CPU builds
+// (tests/test_kernel_variants.py builds both where VNNI exists). PAGODA_NO_VNNI forces the AVX2 baseline.
+#if !defined(PAGODA_NO_VNNI) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define PAGODA_VNNI 1
+inline __m256i dot_i16(__m256i acc, __m256i a, __m256i b) { return _mm256_dpwssd_epi32(acc, a, b); }
+inline __m256i dot_u8i8(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_epi32(acc, u, s); }
+constexpr const char* VNNI_NAME = "avx512vnni";
+#elif !defined(PAGODA_NO_VNNI) && defined(__AVXVNNI__)
+#define PAGODA_VNNI 1
+inline __m256i dot_i16(__m256i acc, __m256i a, __m256i b) { return _mm256_dpwssd_avx_epi32(acc, a, b); }
+inline __m256i dot_u8i8(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_avx_epi32(acc, u, s); }
+constexpr const char* VNNI_NAME = "avxvnni";
+#else
+#define PAGODA_VNNI 0
+inline __m256i dot_i16(__m256i acc, __m256i a, __m256i b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
+constexpr const char* VNNI_NAME = "avx2";
+#endif
 
 inline __m256 scales8(const uint16_t* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -112,8 +133,8 @@ inline void tile_kernel(const int16_t* xq, const float* dx, int64_t K, const int
                 int32_t pair;
                 std::memcpy(&pair, xq + m * K + g * QK + j * 2, sizeof pair);
                 const __m256i xb = _mm256_set1_epi32(pair);
-                isum[m][0] = _mm256_add_epi32(isum[m][0], _mm256_madd_epi16(w0, xb));
-                isum[m][1] = _mm256_add_epi32(isum[m][1], _mm256_madd_epi16(w1, xb));
+                isum[m][0] = dot_i16(isum[m][0], w0, xb);
+                isum[m][1] = dot_i16(isum[m][1], w1, xb);
             }
         }
         const __m256 s0 = scales8(s + g * NT), s1 = scales8(s + g * NT + 8);
@@ -167,6 +188,22 @@ inline int tile_rows(int64_t N, int64_t t) { return static_cast<int>(N - t * NT 
 // 0-7, isum[m][1] for rows 8-15. qg: the group's chunks.
 template <int MR>
 inline void q4_group_sums(const int8_t* xq, int64_t K, const uint8_t* qg, int64_t g, __m256i (&isum)[MR][2]) {
+#if PAGODA_VNNI
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    for (int m = 0; m < MR; ++m) isum[m][0] = isum[m][1] = _mm256_setzero_si256();
+#pragma GCC unroll 2
+    for (int kq = 0; kq < QK / 4; ++kq) {
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg + kq * 32));
+        const __m256i lo = _mm256_and_si256(b, low4), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);
+        for (int m = 0; m < MR; ++m) {
+            int32_t quad;
+            std::memcpy(&quad, xq + m * K + g * QK + kq * 4, sizeof quad);
+            const __m256i xb = _mm256_set1_epi32(quad);
+            isum[m][0] = dot_u8i8(isum[m][0], lo, xb);
+            isum[m][1] = dot_u8i8(isum[m][1], hi, xb);
+        }
+    }
+#else
     const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     __m256i sum16[MR][2];  // two int16 lanes per row
     for (int m = 0; m < MR; ++m) sum16[m][0] = sum16[m][1] = _mm256_setzero_si256();
@@ -187,6 +224,7 @@ inline void q4_group_sums(const int8_t* xq, int64_t K, const uint8_t* qg, int64_
         isum[m][0] = _mm256_madd_epi16(sum16[m][0], ones);
         isum[m][1] = _mm256_madd_epi16(sum16[m][1], ones);
     }
+#endif
 }
 
 // ---- q4 with int16 activations (quantization "gguf", the default) ---------------------------------------------
@@ -222,10 +260,15 @@ inline void q4_group_sums(const int16_t* xq, int64_t K, const uint8_t* qg, int64
             int32_t pairs[2];
             std::memcpy(pairs, xq + m * K + g * QK + j4 * 4, sizeof pairs);
             const __m256i xa = _mm256_set1_epi32(pairs[0]), xb = _mm256_set1_epi32(pairs[1]);
+#if PAGODA_VNNI
+            isum[m][0] = dot_i16(dot_i16(isum[m][0], w[0], xa), w[2], xb);
+            isum[m][1] = dot_i16(dot_i16(isum[m][1], w[1], xa), w[3], xb);
+#else  // two independent madds summed first: a shorter dependency chain than two accumulating adds
             isum[m][0] = _mm256_add_epi32(isum[m][0],
                                           _mm256_add_epi32(_mm256_madd_epi16(w[0], xa), _mm256_madd_epi16(w[2], xb)));
             isum[m][1] = _mm256_add_epi32(isum[m][1],
                                           _mm256_add_epi32(_mm256_madd_epi16(w[1], xa), _mm256_madd_epi16(w[3], xb)));
+#endif
         }
     }
 }
@@ -340,6 +383,9 @@ void q4_linear_impl(const float* x, int64_t M, int64_t K, int64_t ldx, const uin
 }  // namespace
 
 extern "C" {
+
+// The integer dot-product variant this library was built with: "avx512vnni", "avxvnni" or "avx2".
+const char* quant_linear_variant() { return VNNI_NAME; }
 
 // y[M, N] = x[M, K] @ dequant(W)^T, W in the int8 layout.
 void int8_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* qweight, const uint16_t* scales,

@@ -6,7 +6,8 @@ layers (and LM head) for them. Two weight formats, both in groups of 32 along K:
 - q4 (Q4Linear): Q4_1's 4-bit codes with an fp16 scale and offset (w = d * c + m). Built only from a GGUF
   file's own Q4_1 blocks (`quantization="gguf"` or `"gguf-a8"`), so the weights are exactly the checkpoint's.
 
-Small batches (decode) run the AVX2 kernels of pagoda/kernels/quant_linear.cpp, which read each weight byte
+Small batches (decode) run the AVX2 kernels of pagoda/kernels/quant_linear.cpp (their VNNI variant where the CPU
+has it: the same integer sums in fewer instructions), which read each weight byte
 once per call whatever the batch, so a decode step moves a quarter (int8) or a sixth (q4) of the fp32 weight
 bytes. To multiply exactly in integers they round x per group of 32 inside the call: to int16 by default (at
 most half a step of max|x_group| / 32767 per element, about 2e-5 relative on the model's shapes), or to int8
@@ -146,27 +147,58 @@ _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _library: ctypes.CDLL | bool | None = None  # None: not loaded yet; False: cannot be built (torch path)
 
 
+_SIGNATURES = {
+    "int8_linear": [_P, _I64, _I64, _I64, _P, _P, _I64, _P, _I64, ctypes.c_int],
+    "int8_dequantize_t": [_P, _P, _I64, _I64, _P, ctypes.c_int],
+    "q4_linear": [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _P, _I64, ctypes.c_int],
+    "q4a16_linear": [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _P, _I64, ctypes.c_int],
+}
+
+
+def load_kernels(defines: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """quant_linear.cpp built for this CPU (with extra `defines`, e.g. the AVX2 baseline), its functions typed.
+    Raises kernels.KernelBuildError."""
+    lib = kernels.load("quant_linear", defines)
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, None
+    lib.quant_linear_variant.argtypes, lib.quant_linear_variant.restype = [], ctypes.c_char_p
+    return lib
+
+
 def _kernel() -> ctypes.CDLL | None:
     """The compiled kernels, or None (logged once) when they cannot be built: then the torch path runs."""
     global _library
     if _library is None:
         try:
-            lib = kernels.load("quant_linear")
+            _library = load_kernels()
         except kernels.KernelBuildError as exc:
             logger.warning("quantized-linear kernels unavailable, using the slower torch path: %s", exc)
             _library = False
-            return None
-        signatures = {
-            "int8_linear": [_P, _I64, _I64, _I64, _P, _P, _I64, _P, _I64, ctypes.c_int],
-            "int8_dequantize_t": [_P, _P, _I64, _I64, _P, ctypes.c_int],
-            "q4_linear": [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _P, _I64, ctypes.c_int],
-            "q4a16_linear": [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _P, _I64, ctypes.c_int],
-        }
-        for name, argtypes in signatures.items():
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = argtypes, None
-        _library = lib
     return _library or None
+
+
+def kernel_variant() -> str:
+    """The integer dot products the compiled kernels use on this CPU ("avx512vnni", "avxvnni", "avx2"), or
+    "torch" when they could not be built."""
+    lib = _kernel()
+    return "torch" if lib is None else lib.quant_linear_variant().decode()
+
+
+def bf16_gemm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight^T for fp32 x [M, K] and weight [N, K], multiplied in bf16 by oneDNN (AMX tiles or AVX512-BF16
+    where the CPU has them; emulated, slowly, elsewhere: the kernel plan measures that), accumulated and returned
+    in fp32. Rounding x and the weight to bf16 (8 significant bits) is its only approximation; a bf16 result
+    (F.linear on bf16 tensors) would also round every output, which doubled the logprob error (BENCHMARKS.md).
+    The precision switch is process-wide while the call runs: only the engine's step thread computes. `out`: an
+    fp32 [M, N] tensor to write into."""
+    mkldnn = torch.backends.mkldnn.matmul
+    previous = mkldnn.fp32_precision
+    mkldnn.fp32_precision = "bf16"
+    try:
+        return F.linear(x, weight) if out is None else torch.mm(x, weight.t(), out=out)
+    finally:
+        mkldnn.fp32_precision = previous
 
 
 class QuantizedLinear(nn.Module, ABC):
@@ -176,12 +208,16 @@ class QuantizedLinear(nn.Module, ABC):
     kind = 0  # the fused decoder's code for this format (pagoda/kernels/llama_stack.cpp)
     # Batches of more rows than this take torch's GEMM on the dequantized weight; None: the kernel always.
     kernel_max_rows: int | None = None
+    # Set by use_bf16 (the kernel plan, worker/kernel_plan.py): from this many rows on, bf16_gemm on the dequantized
+    # weight runs instead of the kernel (oneDNN, on AMX or AVX512-BF16 where the CPU has them).
+    bf16_min_rows: int | None = None
     k_per_packed_row = 1  # input columns per index of the packed weight's dimension 1
 
     def __init__(self, out_features: int, in_features: int, bias: torch.Tensor | None):
         super().__init__()
         self.out_features, self.in_features = out_features, in_features
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.float32), requires_grad=False)
+        self.register_buffer("dense_weight", None, persistent=False)  # fp32 [N, K'] while use_bf16 is on
         _kernel()  # load (build) the kernels now, not in the first forward
 
     def _pointers(self) -> None:
@@ -207,13 +243,22 @@ class QuantizedLinear(nn.Module, ABC):
     def weight_fp32_t(self) -> torch.Tensor:
         """The dequantized weight, transposed: [K', N] (a view; padded input columns give zero rows)."""
 
+    def use_bf16(self, min_rows: int | None) -> None:
+        """Run calls of at least `min_rows` rows with bf16_gemm (None: never). Keeps the dequantized weight, fp32
+        [N, K'] (4 bytes per weight beside the packed ones), only while it is used."""
+        self.bf16_min_rows = min_rows
+        if min_rows is None:
+            self.dense_weight = None
+        elif self.dense_weight is None:
+            self.dense_weight = self.weight_fp32_t().t().contiguous()
+
     @property
     def padded_in_features(self) -> int:
         return self.packed()[0].shape[1] * self.k_per_packed_row
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.packed())
+        return sum(t.nbytes for t in self.packed()) + (0 if self.dense_weight is None else self.dense_weight.nbytes)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -226,7 +271,10 @@ class QuantizedLinear(nn.Module, ABC):
             rows = F.pad(rows.to(torch.float32), (0, k - x.shape[-1])).contiguous()
         lib = _library
         limit = self.kernel_max_rows
-        if lib and (limit is None or rows.shape[0] <= limit):
+        bf16_from = self.bf16_min_rows
+        if bf16_from is not None and rows.shape[0] >= bf16_from:
+            y = bf16_gemm(rows, self.dense_weight)
+        elif lib and (limit is None or rows.shape[0] <= limit):
             y = torch.empty((rows.shape[0], n), dtype=torch.float32)
             self.run_kernel(lib, rows, y)
         else:

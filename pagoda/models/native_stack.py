@@ -3,10 +3,12 @@
 A decode step of a small model is dominated by per-op overhead, not arithmetic: ~30 layers x ~15 torch ops,
 each a few microseconds of dispatch. `NativeStack` hands the whole stack (norms, quantized projections,
 rotary, KV-cache write, paged attention, MLP, final norm) to one C++ call over the same weights and cache the
-torch modules use. It serves every step when all its linear layers run their kernel at any batch size (q4),
-else steps of at most the smallest `kernel_max_rows` (int8: 64; larger steps are compute-bound and run best on
-torch's GEMM over the dequantized weight, through the torch modules). Both paths give the same results
-up to fp32 rounding order (tests/test_native_stack.py).
+torch modules use. Each linear layer runs its compiled kernel, or, for calls of at least its `bf16_min_rows` rows
+(the kernel plan, worker/kernel_plan.py), a bf16 GEMM on its dequantized weight through a callback into torch
+(oneDNN: AMX where the CPU has it; ~10 us per call, against GEMMs of 0.1 ms and more). It serves every step, except
+that int8 layers without such a GEMM take steps of at most 64 tokens (larger steps are compute-bound and run best
+on a GEMM over the dequantized weight, through the torch modules). Both paths give the same results up to fp32
+rounding order (tests/test_native_stack.py) when they run the same kernels.
 
 It applies when every piece has a native twin: Llama-layout layers (SiLU MLP, no projection bias, optional
 Qwen3 head norms), quantized linear layers (int8 or q4, K a multiple of 32), rotate-half rotary, the native
@@ -29,7 +31,7 @@ from torch import nn
 from pagoda import kernels
 from pagoda.layers.attention import get_forward_context
 from pagoda.layers.attention_cpu import KV_DTYPES, CpuMetadata, CpuPagedBackend
-from pagoda.layers.quantized import QuantizedLinear
+from pagoda.layers.quantized import QuantizedLinear, bf16_gemm
 
 logger = logging.getLogger("pagoda")
 
@@ -38,7 +40,8 @@ _I64, _F32, _P = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
 
 class _QLinear(ctypes.Structure):
-    _fields_ = [("kind", _I64), ("n", _I64), ("k", _I64), ("q", _P), ("d", _P), ("m", _P)]
+    _fields_ = [("kind", _I64), ("n", _I64), ("k", _I64), ("q", _P), ("d", _P), ("m", _P), ("dense_from", _I64),
+                ("id", _I64)]
 
 
 class _Layer(ctypes.Structure):
@@ -47,13 +50,14 @@ class _Layer(ctypes.Structure):
 
 
 _ALL_REDUCE = ctypes.CFUNCTYPE(None, ctypes.POINTER(ctypes.c_float), _I64)
+_DENSE_GEMM = ctypes.CFUNCTYPE(None, _I64, ctypes.POINTER(ctypes.c_float), _I64, ctypes.POINTER(ctypes.c_float))
 
 
 class _Stack(ctypes.Structure):
     _fields_ = [("num_layers", _I64), ("hidden", _I64), ("heads", _I64), ("kv_heads", _I64), ("head_dim", _I64),
                 ("intermediate", _I64), ("num_slots", _I64), ("kv_dtype", _I64), ("eps", _F32), ("scale", _F32),
                 ("cos", _P), ("sin", _P), ("final_norm", _P), ("layers", ctypes.POINTER(_Layer)),
-                ("all_reduce", _ALL_REDUCE)]
+                ("all_reduce", _ALL_REDUCE), ("dense_gemm", _DENSE_GEMM)]
 
 
 class _Batch(ctypes.Structure):
@@ -78,9 +82,9 @@ def _load_kernel() -> ctypes.CDLL:
     return lib
 
 
-def _qlinear(module: nn.Module) -> _QLinear:
+def _qlinear(module: QuantizedLinear, index: int) -> _QLinear:
     pointers = list(module.weight_pointers) + [None] * (3 - len(module.weight_pointers))
-    return _QLinear(module.kind, module.out_features, module.padded_in_features, *pointers)
+    return _QLinear(module.kind, module.out_features, module.padded_in_features, *pointers, 0, index)
 
 
 def unsupported_reason(model: nn.Module, kv_caches: list[torch.Tensor], backend) -> str | None:
@@ -120,15 +124,19 @@ class NativeStack:
         self._keep = [rotary.cos.contiguous(), rotary.sin.contiguous()]  # the pointers below point into these
         decoder = list(inner.layers.values())
         layers = (_Layer * len(decoder))()
+        self._linears: list[QuantizedLinear] = []  # by the index dense_gemm is called with
         for i, (layer, cache) in enumerate(zip(decoder, kv_caches)):
             attn = layer.self_attn
             norms = [getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)]
+            linears = [attn.qkv_proj, attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj]
+            structs = [_qlinear(m, len(self._linears) + j) for j, m in enumerate(linears)]
+            self._linears += linears
             layers[i] = _Layer(layer.input_layernorm.weight.data_ptr(),
                                layer.post_attention_layernorm.weight.data_ptr(),
                                *(n.weight.data_ptr() if n is not None else None for n in norms),
-                               _qlinear(attn.qkv_proj), _qlinear(attn.o_proj), _qlinear(layer.mlp.gate_up_proj),
-                               _qlinear(layer.mlp.down_proj), cache.data_ptr(), attn.attn.sliding_window or 0)
+                               *structs, cache.data_ptr(), attn.attn.sliding_window or 0)
         self._layers = layers
+        self._dense_gemm = _DENSE_GEMM(self._run_dense)  # kept on self: it must outlive every call
         first = decoder[0].self_attn
         tp = model.shard.tp
         # The callback must outlive every call: kept on self. A C all-reduce (shared memory) is called directly;
@@ -145,11 +153,32 @@ class NativeStack:
                             config.head_dim, decoder[0].mlp.intermediate_size, kv_caches[0].shape[1],
                             KV_DTYPES[kv_caches[0].dtype], config.rms_norm_eps, first.attn.scale,
                             self._keep[0].data_ptr(), self._keep[1].data_ptr(), final_norm, layers,
-                            self._all_reduce)
+                            self._all_reduce, self._dense_gemm)
         self._stack_ref = ctypes.byref(self.stack)
-        limits = [m.kernel_max_rows for m in model.model.modules() if isinstance(m, QuantizedLinear)]
-        # the largest step it serves; None: every step
-        self.max_tokens = None if all(x is None for x in limits) else min(x for x in limits if x is not None)
+        self.max_tokens: int | None = None  # the largest step it serves; None: every step
+        self.follow_layers()
+
+    def follow_layers(self) -> None:
+        """Take each layer's current paths (the kernel plan): calls from its `bf16_min_rows` on go to its dense
+        GEMM through the callback; the stack serves the steps every layer can run here (int8 layers without a
+        dense path: up to their kernel limit)."""
+        limits = []
+        for i, linear in enumerate(self._linears):
+            struct = getattr(self._layers[i // 4], ("qkv", "o", "gate_up", "down")[i % 4])
+            struct.dense_from = linear.bf16_min_rows or 0
+            if linear.bf16_min_rows is None and linear.kernel_max_rows is not None:
+                limits.append(linear.kernel_max_rows)
+        self.max_tokens = min(limits) if limits else None
+
+    def _run_dense(self, index: int, x, rows: int, y) -> None:
+        """The dense_gemm callback: y = x @ W^T for linear `index`, on its dequantized weight."""
+        linear = self._linears[index]
+        k, n = linear.padded_in_features, linear.out_features
+        x_t = torch.frombuffer((ctypes.c_float * (rows * k)).from_address(ctypes.addressof(x.contents)),
+                               dtype=torch.float32).view(rows, k)
+        y_t = torch.frombuffer((ctypes.c_float * (rows * n)).from_address(ctypes.addressof(y.contents)),
+                               dtype=torch.float32).view(rows, n)
+        bf16_gemm(x_t, linear.dense_weight, out=y_t)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  hidden: torch.Tensor | None = None) -> torch.Tensor:
@@ -189,5 +218,10 @@ def build(model: nn.Module, kv_caches: list[torch.Tensor], backend) -> tuple[Nat
         stack = NativeStack(model, kv_caches)
     except kernels.KernelBuildError as exc:
         return None, f"the kernel did not build ({str(exc).splitlines()[0]})"
+    return stack, served_steps(stack)
+
+
+def served_steps(stack: NativeStack) -> str:
+    """The execution plan's words for the steps the stack serves."""
     limit = stack.max_tokens
-    return stack, "every step" if limit is None else f"steps of up to {limit} tokens, torch above"
+    return "every step" if limit is None else f"steps of up to {limit} tokens, torch above"

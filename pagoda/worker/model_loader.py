@@ -17,13 +17,14 @@ from pagoda.config import EngineConfig, ModelConfig
 from pagoda.execution_plan import ExecutionPlan
 from pagoda.layers.attention import AttentionBackend
 from pagoda.layers.attention_select import backend_name, create_backend
-from pagoda.layers.quantized import check_quantization, quantize_model, resolve_quantization
+from pagoda.layers.quantized import check_quantization, kernel_variant, quantize_model, resolve_quantization
 from pagoda.loader import Checkpoint, open_checkpoint
 from pagoda.models import native_stack
 from pagoda.models.registry import model_class
 from pagoda.parallel.comm import TPGroup
 from pagoda.parallel.layout import RankLayout
 from pagoda.parallel.shard import ModelShard
+from pagoda.worker import kernel_plan
 from pagoda.worker.kv_cache import KVCacheLayout, allocate_kv_cache, plan_kv_cache, resolve_kv_cache_dtype
 
 logger = logging.getLogger("pagoda")
@@ -39,6 +40,7 @@ class LoadedModel:
     backend: AttentionBackend
     native_stack: native_stack.NativeStack | None
     plan: ExecutionPlan
+    kernel_plan: kernel_plan.KernelPlan
 
 
 @contextmanager
@@ -61,8 +63,25 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device
     return model.eval()
 
 
+def load_weights(checkpoint: Checkpoint, config: EngineConfig, shard: ModelShard | None = None,
+                 ) -> tuple[nn.Module, str | None]:
+    """The model (its shard) with its weights in the format the config resolves to here, and that format."""
+    device, dtype = torch.device(config.device), config.torch_dtype
+    quantization = resolve_quantization(config.quantization, device, dtype, checkpoint.is_gguf)
+    model = build_model(checkpoint, dtype, device, shard)
+    if quantization is not None:
+        quantize_model(model, quantization, checkpoint.sources() if checkpoint.is_gguf else None)
+    return model, quantization
+
+
+def resolve_kernel_plan(model: nn.Module, config: EngineConfig, remeasure: bool = False) -> kernel_plan.KernelPlan:
+    """The kernel plan for the model's quantized layers at the step sizes the scheduler makes."""
+    return kernel_plan.resolve(config.kernel_plan, model, config.max_prefill_tokens + config.max_num_seqs,
+                               config.max_num_seqs, remeasure=remeasure)
+
+
 def load_model(path: Path, config: EngineConfig, rank: RankLayout | None = None, tp: TPGroup | None = None,
-               progress: bool = False) -> LoadedModel:
+               progress: bool = False, remeasure_kernels: bool = False) -> LoadedModel:
     device = torch.device(config.device)
     dtype = config.torch_dtype
     kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype, device)
@@ -72,21 +91,24 @@ def load_model(path: Path, config: EngineConfig, rank: RankLayout | None = None,
         check_quantization(config.quantization, device)
     checkpoint = open_checkpoint(path)
     rank = rank or RankLayout.single(checkpoint.config.num_hidden_layers)
-    quantization = resolve_quantization(config.quantization, device, dtype, checkpoint.is_gguf)
     # Split boundaries of a sharded model fall on whole quantization blocks of its tensors.
     shard = ModelShard(rank, tp or TPGroup(), align=max(32, checkpoint.block_size()))
-    model = build_model(checkpoint, dtype, device, shard)
-    if quantization is not None:
-        quantize_model(model, quantization, checkpoint.sources() if checkpoint.is_gguf else None)
+    model, quantization = load_weights(checkpoint, config, shard)
+    kernels_plan = resolve_kernel_plan(model, config, remeasure_kernels)
+    kernels_plan.apply(model)  # before the native stack, which serves only the steps the kernels take
     kv_layout = plan_kv_cache(checkpoint.config, config.cache, kv_dtype, config.parallel)
     kv_caches = allocate_kv_cache(kv_layout, checkpoint.config, kv_dtype, device, rank)
     stack, stack_reason = native_stack.build(model, kv_caches, backend)
+    if stack is not None and kernels_plan.needs_step_check:
+        kernels_plan = kernel_plan.check_steps(kernels_plan, model, stack, backend, kv_caches, config.block_size)
+        stack_reason = native_stack.served_steps(stack)
     attention = next(m for m in model.modules() if hasattr(m, "num_kv_heads") and hasattr(m, "qkv_proj"))
     plan = ExecutionPlan(
         device=str(device), dtype=str(dtype).removeprefix("torch."),
         kv_cache_dtype=str(kv_dtype).removeprefix("torch."), quantization=quantization,
         attention_backend=backend_name(backend), attention_reason=attention_reason,
         native_stack=stack is not None, native_stack_reason=stack_reason, kernel_isa=kernels.host_isa(),
+        kernel_variant=kernel_variant(), kernel_plan=kernels_plan.summary(),
         threads=torch.get_num_threads(), tensor_parallel_size=rank.tp_size, pipeline_parallel_size=rank.pp_size,
         tp_transport=shard.tp.transport, rank=rank.rank, tp_rank=rank.tp_rank, pp_rank=rank.pp_rank,
         layers=(rank.layer_start, rank.layer_end),
@@ -95,7 +117,8 @@ def load_model(path: Path, config: EngineConfig, rank: RankLayout | None = None,
         kv_cache_bytes=sum(c.nbytes for c in kv_caches), kv_cache_blocks=kv_layout.num_blocks,
         kv_bytes_per_token=sum(c[0, 0].nbytes for c in kv_caches) * 2)
     logger.info("execution plan: %s", plan.summary())
-    return LoadedModel(model, checkpoint.config, checkpoint.tokenizer, kv_layout, kv_caches, backend, stack, plan)
+    return LoadedModel(model, checkpoint.config, checkpoint.tokenizer, kv_layout, kv_caches, backend, stack, plan,
+                       kernels_plan)
 
 
 def _unique_tensors(model: nn.Module) -> list[torch.Tensor]:

@@ -1,0 +1,72 @@
+"""ISA variants of the quantized kernels (kernels/quant_linear.cpp): the build for this CPU picks the variant its
+flags allow, and a VNNI variant gives bit-identical outputs to the AVX2 baseline built beside it. The baseline runs
+on every machine (the rest of the suite); the comparison runs where the CPU has VNNI and is skipped, with the
+reason, where it does not."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+
+import pytest
+import torch
+
+from pagoda import kernels
+from pagoda.layers import quantized
+from pagoda.layers.quantized import GROUP, Int8Linear, Q4Linear
+
+
+def compiler_macros() -> set[str]:
+    """The macros `-march=native` predefines with the compiler the kernels are built with."""
+    cxx = kernels._compiler()
+    out = subprocess.run([cxx, "-march=native", "-E", "-dM", "-x", "c++", os.devnull], capture_output=True,
+                         text=True, check=True).stdout
+    return {line.split()[1] for line in out.splitlines() if line.startswith("#define ")}
+
+
+def test_the_build_for_this_cpu_uses_the_variant_its_target_allows() -> None:
+    variant = quantized.kernel_variant()
+    if variant == "torch":
+        pytest.skip("the kernels did not build here (no compiler)")
+    macros = compiler_macros()
+    if {"__AVX512VNNI__", "__AVX512VL__"} <= macros:
+        expected = "avx512vnni"
+    else:
+        expected = "avxvnni" if "__AVXVNNI__" in macros else "avx2"
+    assert variant == expected
+    if expected == "avx2":
+        pytest.skip(f"this CPU (as the compiler sees it) has no VNNI: only the AVX2 baseline is built "
+                    f"(CPU flags: {kernels.host_isa()})")
+
+
+def random_q4(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    d = (torch.rand(n, k // GROUP, generator=g) * 0.02).to(torch.float16)
+    m = (-8 * d.float() + torch.randn(n, k // GROUP, generator=g) * 0.01).to(torch.float16)
+    return codes, d, m
+
+
+def run(lib: ctypes.CDLL, layer, x: torch.Tensor) -> torch.Tensor:
+    y = torch.empty(x.shape[0], layer.out_features)
+    layer.run_kernel(lib, x.contiguous(), y)
+    return y
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 33, 130])
+def test_vnni_variant_is_bit_identical_to_the_avx2_baseline(rows) -> None:
+    variant = quantized.kernel_variant()
+    if variant in ("avx2", "torch"):
+        pytest.skip(f"this CPU has no VNNI (kernels built as {variant!r}): only the AVX2 baseline exists here")
+    baseline = quantized.load_kernels(("PAGODA_NO_VNNI",))
+    assert baseline.quant_linear_variant().decode() == "avx2"
+    fast = quantized._kernel()
+    torch.manual_seed(rows)
+    layers = [Q4Linear(*random_q4(200, 576, 1), activations="int16"), Q4Linear(*random_q4(72, 1536, 2),
+              activations="int8"), Int8Linear(torch.randn(96, 320) * 0.05)]
+    for layer in layers:
+        # activations with outliers, so the per-group rounding uses the whole int8 / int16 range
+        x = torch.randn(rows, layer.padded_in_features) * torch.rand(rows, 1) * 4
+        x[:, ::37] *= 50
+        assert torch.equal(run(fast, layer, x), run(baseline, layer, x)), type(layer).__name__
