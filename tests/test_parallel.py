@@ -149,3 +149,30 @@ def test_rank_layout_numbering():
     assert [(lay.tp_rank, lay.pp_rank, lay.layer_start, lay.layer_end) for lay in layouts] == [
         (0, 0, 0, 15), (1, 0, 0, 15), (0, 1, 15, 30), (1, 1, 15, 30)]
     assert layouts[0].stage_rank(1) == 2 and layouts[3].stage_rank(0) == 1
+
+
+def test_channel_keeps_a_bounded_number_of_sends(monkeypatch):
+    """gloo's send works say is_completed() only after a wait: the channel must wait for old sends itself, or
+    every send (and its buffer) of a long-running server stays in its list."""
+    from pagoda.parallel import runtime
+
+    class GlooLikeSend:
+        def __init__(self):
+            self.waited = False
+
+        def is_completed(self):
+            return self.waited
+
+        def wait(self, timeout=None):
+            self.waited = True
+
+    sends = []
+    monkeypatch.setattr(runtime.dist, "isend", lambda tensor, dst, group=None, tag=0: sends.append(GlooLikeSend())
+                        or sends[-1])
+    channel = runtime.Channel(None, None)
+    for step in range(1000):
+        channel.send_object({"step": step}, 1, runtime.TAG_STEP)  # a header and a payload each
+    assert len(channel._in_flight) == runtime.MAX_PENDING_SENDS
+    assert all(s.waited for s in sends[:-runtime.MAX_PENDING_SENDS])
+    channel.flush()
+    assert not channel._in_flight and all(s.waited for s in sends)
