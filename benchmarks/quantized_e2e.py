@@ -2,9 +2,9 @@
 weights and cache on the default model: decode speed and output quality.
 
 A configuration is QUANTIZATION[+KV_CACHE_DTYPE][@KERNEL_PLAN]: "gguf" is the default engine (the GGUF's blocks,
-fp16 KV cache on the CPU, the kernel plan measured on this CPU), "gguf+float32" the same weights with an fp32 cache,
-"gguf@kernel" the compiled kernels at every size, "gguf@bf16:1" bf16 GEMMs (oneDNN) for every call; the reference
-"fp32" has fp32 weights and an fp32 cache.
+fp16 KV cache on the CPU, the compiled kernels at every size), "gguf+float32" the same weights with an fp32 cache,
+"gguf@auto" the kernel plan measured on this CPU (bf16 GEMMs where faster), "gguf@bf16:1" bf16 GEMMs (oneDNN) for
+every call; the reference "fp32" has fp32 weights and an fp32 cache.
 
 Speed: one request (or --batch requests at once), greedy, ignore_eos, --tokens tokens; time per output token
 after the first (steps after the prefill step), best of --repeats runs.
@@ -14,7 +14,7 @@ differences of fp32's chosen tokens.
 
     python benchmarks/quantized_e2e.py [--model PATH_OR_NAME] [--methods gguf,gguf+float32,int8] [--tokens 128]
                                        [--batch 1,16]
-    python benchmarks/quantized_e2e.py --methods gguf@kernel,gguf@bf16:1,gguf@bf16:64 --batch 1 --repeats 1
+    python benchmarks/quantized_e2e.py --methods gguf,gguf@auto,gguf@bf16:1 --batch 1 --repeats 1
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def main() -> None:
         weights, _, plan = method.partition("@")
         quantization, _, kv_cache_dtype = weights.partition("+")
         llms[method] = LLM(args.model, quantization=quantization, kv_cache_dtype=kv_cache_dtype or "auto",
-                           kernel_plan=plan or "auto", **kwargs)
+                           kernel_plan=plan or "kernel", **kwargs)
         print(f"{method}: kernel plan {llms[method].engine.plan.kernel_plan}", flush=True)
     print(f"threads={torch.get_num_threads()}")
     for batch in (int(b) for b in args.batch.split(",")):

@@ -29,11 +29,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
                    help="element type of the KV cache; auto (default): float16 for a float32 model on the CPU "
                         "(half the memory traffic of decode attention), else the model's dtype")
-    p.add_argument("--kernel-plan", default="auto", metavar="auto|kernel|bf16:N",
-                   help="the path of the quantized linear layers by rows per call: auto (default) times the "
-                        "compiled kernels against bf16 GEMMs (oneDNN: AMX where the CPU has it) on the model's "
-                        "shapes at load, cached per machine; kernel: the compiled kernels only; bf16:N: bf16 "
-                        "GEMMs from N rows on. `pagoda kernel-plan` prints the timings")
+    p.add_argument("--kernel-plan", default="kernel", metavar="kernel|auto|bf16:N",
+                   help="the path of the quantized linear layers by rows per call: kernel (default): the compiled "
+                        "kernels, every output row bit-identical whatever else is in the batch; auto: times the "
+                        "kernels against bf16 GEMMs (oneDNN: AMX where the CPU has it) on the model's shapes at "
+                        "load (cached per machine) and takes bf16 where faster: prefill and large batches run "
+                        "several times faster on AMX, but outputs then depend on how steps are composed; bf16:N: "
+                        "bf16 GEMMs from N rows on. `pagoda kernel-plan` prints the timings")
     g = p.add_argument_group("parallelism (torch.distributed; see README)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split every layer's matrices over N ranks (default: 1)")
@@ -279,12 +281,16 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
 
 
 def cmd_kernel_plan(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     import torch
 
     from pagoda.model_store import resolve_model
     from pagoda.worker.model_loader import load_model
 
     config = _engine_config(args)
+    if config.kernel_plan == "kernel":  # the default: this command is for measuring
+        config = replace(config, kernel_plan="auto")
     if config.parallel.world_size > 1:
         raise SystemExit("pagoda kernel-plan measures one rank: run it with --threads-per-rank instead of -tp/-pp")
     if args.threads_per_rank:

@@ -138,9 +138,10 @@ class EngineConfig:
     # requantize every linear layer. See layers/quantized.py.
     quantization: str | None = "auto"
     kv_cache_dtype: str = "auto"  # "auto": fp16 for an fp32 model on the CPU, else the model's dtype
-    # Which path the quantized linear layers take by rows per call: "auto" (timed on this CPU, cached), "kernel"
-    # or "bf16:N" (worker/kernel_plan.py).
-    kernel_plan: str = "auto"
+    # Which path the quantized linear layers take by rows per call: "kernel" (the compiled kernels: every output row
+    # bit-identical whatever the batch), "auto" (timed on this CPU, cached: bf16 GEMMs where faster) or "bf16:N"
+    # (worker/kernel_plan.py).
+    kernel_plan: str = "kernel"
     # Parallelism (parallel/): world size = tensor x pipeline; workers are spawned by the engine, or launched by
     # torchrun (then every process runs the engine's rank of the world it finds in the environment).
     tensor_parallel_size: int = 1

@@ -63,7 +63,7 @@ def test_modes_are_validated_at_the_config_and_reach_it_from_the_cli() -> None:
         EngineConfig(model="x", kernel_plan="fast")
     parser = argparse.ArgumentParser()
     _engine_args(parser)
-    assert _engine_config(parser.parse_args([])).kernel_plan == "auto"
+    assert _engine_config(parser.parse_args([])).kernel_plan == "kernel"
     assert _engine_config(parser.parse_args(["--kernel-plan", "bf16:64"])).kernel_plan == "bf16:64"
 
 

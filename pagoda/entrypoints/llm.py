@@ -19,7 +19,7 @@ class LLM:
                  max_num_seqs: int = 64, max_model_len: int | None = None, max_prefill_tokens: int = 512,
                  block_size: int = 16, enable_prefix_caching: bool = True, device: str = "cpu",
                  attention_backend: str = "auto", quantization: str | None = "auto", kv_cache_dtype: str = "auto",
-                 kernel_plan: str = "auto", tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+                 kernel_plan: str = "kernel", tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
                  pipeline_layers: Sequence[int] | None = None, threads_per_rank: int | None = None,
                  distributed_timeout: float = 60.0, progress: bool = True):
         """With tensor_parallel_size x pipeline_parallel_size > 1 the engine spawns its worker ranks (processes);
