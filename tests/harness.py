@@ -23,6 +23,17 @@ from pagoda.worker.model_runner import ModelRunner
 CPU = torch.device("cpu")
 
 
+def random_q4(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random Q4_1 values: codes uint8 [N, K] in [0, 15], fp16 d and m [N, K/32] (w = d * c + m, centred near 0)."""
+    from pagoda.layers.quantized import GROUP
+
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    d = (torch.rand(n, k // GROUP, generator=g) * 0.02).to(torch.float16)
+    m = (-8 * d.float() + torch.randn(n, k // GROUP, generator=g) * 0.01).to(torch.float16)
+    return codes, d, m
+
+
 def hf_checkpoint(directory: Path) -> Checkpoint:
     config = read_config(directory)
     return Checkpoint(directory, config, lambda: hf_tensors(directory), tokenizer=None)

@@ -9,17 +9,14 @@ import json
 import pytest
 import torch
 
-from pagoda.layers.quantized import GROUP, Int8Linear, Q4Linear
+from pagoda.layers.quantized import Int8Linear, Q4Linear
 from pagoda.worker import kernel_plan
 from pagoda.worker.kernel_plan import KernelPlan, ShapeChoice, parse_mode
+from tests.harness import random_q4 as random_q4_values
 
 
 def random_q4(n: int, k: int, seed: int, activations: str = "int16") -> Q4Linear:
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
-    d = (torch.rand(n, k // GROUP, generator=g) * 0.02).to(torch.float16)
-    m = (-8 * d.float() + torch.randn(n, k // GROUP, generator=g) * 0.01).to(torch.float16)
-    return Q4Linear(codes, d, m, activations=activations)
+    return Q4Linear(*random_q4_values(n, k, seed), activations=activations)
 
 
 def layers() -> list:

@@ -14,7 +14,8 @@ import torch
 
 from pagoda import kernels
 from pagoda.layers import quantized
-from pagoda.layers.quantized import GROUP, Int8Linear, Q4Linear
+from pagoda.layers.quantized import Int8Linear, Q4Linear
+from tests.harness import random_q4
 
 
 def compiler_macros() -> set[str]:
@@ -38,14 +39,6 @@ def test_the_build_for_this_cpu_uses_the_variant_its_target_allows() -> None:
     if expected == "avx2":
         pytest.skip(f"this CPU (as the compiler sees it) has no VNNI: only the AVX2 baseline is built "
                     f"(CPU flags: {kernels.host_isa()})")
-
-
-def random_q4(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
-    d = (torch.rand(n, k // GROUP, generator=g) * 0.02).to(torch.float16)
-    m = (-8 * d.float() + torch.randn(n, k // GROUP, generator=g) * 0.01).to(torch.float16)
-    return codes, d, m
 
 
 def run(lib: ctypes.CDLL, layer, x: torch.Tensor) -> torch.Tensor:

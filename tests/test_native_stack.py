@@ -19,16 +19,8 @@ from pagoda.models import native_stack
 
 transformers = pytest.importorskip("transformers")
 
-from harness import Harness, hf_checkpoint, paged_layout, sequence_logprobs  # noqa: E402
+from harness import Harness, hf_checkpoint, paged_layout, random_q4, sequence_logprobs  # noqa: E402
 from test_models_random import CONFIGS as ALL_CONFIGS  # noqa: E402
-
-
-def random_q4(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
-    d = (torch.rand(n, k // GROUP, generator=g) * 0.02).to(torch.float16)
-    m = (-8 * d.float() + torch.randn(n, k // GROUP, generator=g) * 0.01).to(torch.float16)
-    return codes, d, m
 
 
 def q4_weight(codes, d, m) -> torch.Tensor:

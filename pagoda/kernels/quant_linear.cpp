@@ -188,25 +188,13 @@ inline int tile_rows(int64_t N, int64_t t) { return static_cast<int>(N - t * NT 
 // 0-7, isum[m][1] for rows 8-15. qg: the group's chunks.
 template <int MR>
 inline void q4_group_sums(const int8_t* xq, int64_t K, const uint8_t* qg, int64_t g, __m256i (&isum)[MR][2]) {
-#if PAGODA_VNNI
     const __m256i low4 = _mm256_set1_epi8(0x0F);
+#if PAGODA_VNNI
     for (int m = 0; m < MR; ++m) isum[m][0] = isum[m][1] = _mm256_setzero_si256();
-#pragma GCC unroll 2
-    for (int kq = 0; kq < QK / 4; ++kq) {
-        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg + kq * 32));
-        const __m256i lo = _mm256_and_si256(b, low4), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);
-        for (int m = 0; m < MR; ++m) {
-            int32_t quad;
-            std::memcpy(&quad, xq + m * K + g * QK + kq * 4, sizeof quad);
-            const __m256i xb = _mm256_set1_epi32(quad);
-            isum[m][0] = dot_u8i8(isum[m][0], lo, xb);
-            isum[m][1] = dot_u8i8(isum[m][1], hi, xb);
-        }
-    }
 #else
-    const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-    __m256i sum16[MR][2];  // two int16 lanes per row
+    __m256i sum16[MR][2];  // two int16 lanes per row, widened to int32 after the loop
     for (int m = 0; m < MR; ++m) sum16[m][0] = sum16[m][1] = _mm256_setzero_si256();
+#endif
     // Unrolled by 2 only: a full unroll lets GCC reassociate the sums into a tree that spills.
 #pragma GCC unroll 2
     for (int kq = 0; kq < QK / 4; ++kq) {
@@ -216,10 +204,17 @@ inline void q4_group_sums(const int8_t* xq, int64_t K, const uint8_t* qg, int64_
             int32_t quad;
             std::memcpy(&quad, xq + m * K + g * QK + kq * 4, sizeof quad);
             const __m256i xb = _mm256_set1_epi32(quad);
+#if PAGODA_VNNI
+            isum[m][0] = dot_u8i8(isum[m][0], lo, xb);
+            isum[m][1] = dot_u8i8(isum[m][1], hi, xb);
+#else
             sum16[m][0] = _mm256_add_epi16(sum16[m][0], _mm256_maddubs_epi16(lo, xb));
             sum16[m][1] = _mm256_add_epi16(sum16[m][1], _mm256_maddubs_epi16(hi, xb));
+#endif
         }
     }
+#if !PAGODA_VNNI
+    const __m256i ones = _mm256_set1_epi16(1);
     for (int m = 0; m < MR; ++m) {
         isum[m][0] = _mm256_madd_epi16(sum16[m][0], ones);
         isum[m][1] = _mm256_madd_epi16(sum16[m][1], ones);
