@@ -41,12 +41,14 @@ def hf_checkpoint(directory: Path) -> Checkpoint:
 
 class Harness:
     def __init__(self, checkpoint: Checkpoint, *, num_blocks: int = 256, block_size: int = 16, max_num_seqs: int = 16,
-                 budget: int = 64, dtype: torch.dtype = torch.float32, prefix_caching: bool = True):
+                 budget: int = 64, dtype: torch.dtype = torch.float32, prefix_caching: bool = True,
+                 kv_dtype: torch.dtype | None = None):
         self.config = checkpoint.config
         self.model = build_model(checkpoint, dtype, CPU)
-        per_block = kv_bytes_per_token(self.config, dtype) * block_size
-        layout = plan_kv_cache(self.config, CacheConfig(block_size, num_blocks * per_block), dtype)
-        kv = allocate_kv_cache(layout, self.config, dtype, CPU)
+        kv_dtype = kv_dtype or dtype
+        per_block = kv_bytes_per_token(self.config, kv_dtype) * block_size
+        layout = plan_kv_cache(self.config, CacheConfig(block_size, num_blocks * per_block), kv_dtype)
+        kv = allocate_kv_cache(layout, self.config, kv_dtype, CPU)
         self.runner = ModelRunner(self.model, self.config, kv, block_size, ReferenceBackend(CPU), CPU)
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs, budget, layout.num_tokens),
                                    KVCacheManager(num_blocks, block_size, prefix_caching))

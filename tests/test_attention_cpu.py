@@ -96,11 +96,31 @@ def test_bfloat16_inputs_are_computed_in_fp32(cpu_backend):
 @pytest.mark.parametrize("requests", [MIXED, [(1, 300)], [(1, 3), (1, 200), (1, 33)]],
                          ids=["mixed", "split", "decodes"])
 @pytest.mark.parametrize("window", [None, 20], ids=["causal", "window20"])
-def test_fp16_cache_matches_reference(cpu_backend, requests, window):
-    # the fp16 cache: new rows rounded exactly as torch rounds them, old rows widened on load
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_caches_match_reference(cpu_backend, requests, window, cache_dtype):
+    # fp16 and bf16 caches: new rows rounded exactly as torch rounds them, old rows widened on load
     q, k, v, cache, layout = random_attention_step(requests, 9, 3, 64, seed=2)
     layer = Attention(0, 9, 3, 64, 0.125, sliding_window=window)
-    assert_matches_reference(cpu_backend, layer, q, k, v, cache.to(torch.float16), layout)
+    assert_matches_reference(cpu_backend, layer, q, k, v, cache.to(cache_dtype), layout)
+
+
+def test_bf16_cache_rounds_as_torch_does(cpu_backend):
+    # ties to even, values that carry into the exponent, overflow to inf, NaN, subnormals, signed zero: each
+    # written through the kernel's vector loop (the first 64 values of a row) and its scalar tail (odd head dim)
+    special = torch.tensor([1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, 1.0 + 2 ** -8 + 2 ** -20, -(2 - 2 ** -9),
+                            3.3895e38, float("inf"), float("-inf"), float("nan"), 1e-40, -0.0, 0.0, 65504.0])
+    for head_dim in (64, 67):
+        q, k, v, cache, layout = random_attention_step([(1, 4)], 2, 2, head_dim, seed=5)
+        k.view(-1)[: special.numel()] = special
+        v.view(-1)[-special.numel():] = special
+        got_cache = cache.to(torch.bfloat16)
+        ref_cache = got_cache.clone()
+        layer = Attention(0, 2, 2, head_dim, 0.125)
+        run(cpu_backend, layer, q, k, v, got_cache, layout)
+        run(ReferenceBackend(CPU), layer, q, k, v, ref_cache, layout)
+        nan = got_cache.isnan()
+        assert torch.equal(nan, ref_cache.isnan()) and nan.sum() == 2  # NaN bits differ between torch's own paths
+        assert torch.equal(got_cache.view(torch.int16)[~nan], ref_cache.view(torch.int16)[~nan])
 
 
 def test_decode_split_over_key_ranges_matches_reference(cpu_backend):
@@ -112,20 +132,21 @@ def test_decode_split_over_key_ranges_matches_reference(cpu_backend):
 
 def test_rejects_a_cache_it_cannot_read(cpu_backend):
     q, k, v, cache, layout = random_attention_step([(1, 5)], 4, 4, 64)
-    with pytest.raises(ValueError, match="fp32 or fp16 KV cache"):
-        run(cpu_backend, Attention(0, 4, 4, 64, 0.125), q, k, v, cache.to(torch.bfloat16), layout)
+    with pytest.raises(ValueError, match="fp32, fp16 or bf16 KV cache"):
+        run(cpu_backend, Attention(0, 4, 4, 64, 0.125), q, k, v, cache.to(torch.float64), layout)
 
 
 # ---- selection -------------------------------------------------------------------------------------------------
 
 def test_selection():
     chosen = [create_backend(name, CPU, dtype) for name, dtype in
-              [("auto", torch.float32), ("cpu", torch.float32), ("reference", torch.float32), ("auto", torch.bfloat16)]]
+              [("auto", torch.float32), ("cpu", torch.float32), ("reference", torch.float32), ("auto", torch.float64)]]
     assert [type(b) for b, _ in chosen] == [CpuPagedBackend, CpuPagedBackend, ReferenceBackend, ReferenceBackend]
-    assert "bfloat16" in chosen[-1][1] and chosen[2][1] == "requested"  # each choice says why
-    with pytest.raises(ValueError, match="fp32 and fp16"):
-        create_backend("cpu", CPU, torch.bfloat16)
-    assert isinstance(create_backend("cpu", CPU, torch.float16)[0], CpuPagedBackend)
+    assert "float64" in chosen[-1][1] and chosen[2][1] == "requested"  # each choice says why
+    with pytest.raises(ValueError, match="fp32, fp16 and bf16"):
+        create_backend("cpu", CPU, torch.float64)
+    for dtype in (torch.float16, torch.bfloat16):
+        assert isinstance(create_backend("cpu", CPU, dtype)[0], CpuPagedBackend)
     with pytest.raises(ValueError, match="not supported"):
         create_backend("fast", CPU, torch.float32)
 

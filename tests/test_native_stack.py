@@ -132,6 +132,41 @@ def test_native_stack_generates_the_torch_tokens(harness):
     assert native == torch_path
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_native_stack_reads_half_caches(tmp_path, kv_dtype):
+    """fp16 and bf16 KV caches: one mixed step (two decodes over a random cached past, a 20-token prompt) gives
+    the torch modules' hidden states, and the rows it writes differ from theirs by less than one rounding step
+    of the cache's type in norm (an fp32-rounding difference upstream can move a value across a rounding
+    boundary, and later layers amplify it)."""
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(CONFIGS["llama"], dtype=torch.float32).save_pretrained(tmp_path)
+    h = Harness(hf_checkpoint(tmp_path), budget=48, kv_dtype=kv_dtype)
+    runner = h.runner
+    runner.backend = CpuPagedBackend()
+    to_q4(h.model, "int16")
+    stack, reason = native_stack.build(h.model, runner.kv_caches, runner.backend)
+    assert stack is not None and runner.kv_caches[0].dtype == kv_dtype, reason
+    layout, positions = paged_layout([(1, 30), (1, 3), (20, 20)], 16, seed=1)
+    gen = torch.Generator().manual_seed(1)
+    past = [torch.randn(c.shape, generator=gen).to(kv_dtype) for c in runner.kv_caches]
+    ids = torch.randint(0, h.config.vocab_size, (22,), generator=gen)
+
+    def run(forward):
+        for cache, saved in zip(runner.kv_caches, past):
+            cache.copy_(saved)
+        md = runner.backend.build_metadata(layout, runner.windows)
+        with torch.inference_mode(), forward_context(ForwardContext(runner.backend, md, runner.kv_caches)):
+            hidden = forward(ids, torch.from_numpy(positions))
+        return hidden, [c[:, layout.slot_mapping].float() for c in runner.kv_caches]
+
+    native, native_kv = run(stack)
+    reference, reference_kv = run(h.model)
+    torch.testing.assert_close(native, reference, rtol=1e-3, atol=1e-3)
+    step = torch.finfo(kv_dtype).eps  # one rounding step, relative
+    for a, b in zip(native_kv, reference_kv):
+        assert (a - b).norm() <= step * b.norm(), ((a - b).norm() / b.norm() / step).item()
+
+
 @pytest.mark.parametrize("chunk", [7, 100])
 def test_native_stack_hidden_states_and_cache_match_torch(harness, chunk):
     """One mixed step (two decodes after cached contexts, one chunk of 7 or 100 tokens): final hidden states and

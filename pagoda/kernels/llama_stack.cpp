@@ -24,13 +24,13 @@
 
 namespace {
 
-enum LinearKind : int64_t { INT8 = 1, Q4 = 2, Q4A16 = 3 };  // QuantizedLinear.kind
+enum LinearKind : int64_t { INT8 = 1, Q4 = 2, Q4A16 = 3, BF16 = 4 };  // QuantizedLinear.kind
 
 struct QLinear {
     int64_t kind, n, k;
-    const void* q;
-    const uint16_t* d;
-    const uint16_t* m;  // q4 offsets; null for int8
+    const void* q;      // the packed weight (bf16: [n, k] row-major)
+    const uint16_t* d;  // scales; null for bf16
+    const uint16_t* m;  // q4 offsets; null for int8 and bf16
     int64_t dense_from;  // calls of at least this many rows go to Stack::dense_gemm (0: never; the kernel plan)
     int64_t id;          // the layer's index for dense_gemm
 };
@@ -47,7 +47,7 @@ struct Layer {
 
 struct Stack {
     int64_t num_layers, hidden, heads, kv_heads, head_dim, intermediate, num_slots;
-    int64_t kv_dtype;  // 0: fp32, 1: fp16 (paged_attention.cpp)
+    int64_t kv_dtype;  // 0: fp32, 1: fp16, 2: bf16 (paged_attention.cpp)
     float eps, scale;
     const float* cos;
     const float* sin;
@@ -75,6 +75,8 @@ void linear(const Stack& S, const QLinear& w, const float* x, int64_t M, float* 
         S.dense_gemm(w.id, x, M, y);
     else if (w.kind == INT8)
         int8_linear(x, M, w.k, w.k, static_cast<const int8_t*>(w.q), w.d, w.n, y, w.n, threads);
+    else if (w.kind == BF16)
+        bf16_linear(x, M, w.k, w.k, static_cast<const uint16_t*>(w.q), w.n, y, w.n, threads);
     else if (w.kind == Q4)
         q4_linear(x, M, w.k, w.k, static_cast<const uint8_t*>(w.q), w.d, w.m, w.n, y, w.n, threads);
     else
@@ -169,7 +171,7 @@ void attention(const Stack& S, const Layer& L, const Batch& B, float* qkv, float
         }
     }
     void* k_cache = L.kv_cache;
-    void* v_cache = static_cast<char*>(L.kv_cache) + S.num_slots * Hkv * D * (S.kv_dtype == 1 ? 2 : 4);
+    void* v_cache = static_cast<char*>(L.kv_cache) + S.num_slots * Hkv * D * (S.kv_dtype == 0 ? 4 : 2);
     paged_cache_write(qkv + H * D, qkv_n, qkv + (H + Hkv) * D, qkv_n, B.slots, T, Hkv * D, k_cache, v_cache,
                       S.kv_dtype);
     if (B.num_decodes > 0)

@@ -1,4 +1,4 @@
-// Paged attention on the CPU: fp32 queries, fp32 or fp16 KV cache read in place through block tables.
+// Paged attention on the CPU: fp32 queries, fp32, fp16 or bf16 KV cache read in place through block tables.
 //
 // This file owns the native half of pagoda/layers/attention_cpu.py:
 //   paged_cache_write        copy the step's new k, v rows into their cache slots;
@@ -12,8 +12,8 @@
 // Layouts (element strides, fp32 unless said):
 //   q    [T, H, D]   token stride q_stride, heads packed (head stride D, element stride 1)
 //   out  [T, H, D]   token stride out_stride, heads packed
-//   k_cache, v_cache [num_slots, Hkv, D] contiguous, fp32 or fp16 (kv_dtype 0 or 1: the kernels are templates
-//                    on the element); slot of position k = table[k / bs] * bs + k % bs
+//   k_cache, v_cache [num_slots, Hkv, D] contiguous, fp32, fp16 or bf16 (kv_dtype 0, 1 or 2: the kernels are
+//                    templates on the element); slot of position k = table[k / bs] * bs + k % bs
 //   block_tables [B, table_stride] int64, context_lens [B] int64, query_start [B + 1] int64
 // A request's queries are its last n context positions [ctx - n, ctx); their k, v are already in the cache
 // (paged_cache_write runs first), so attention reads only the cache, never the step's k, v.
@@ -32,6 +32,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -83,6 +84,12 @@ struct Scratch {
         : scores(rows * KT), acc(rows * dim), m(rows), l(rows), qrows(rows), kslots(2 * KT), vslots(2 * KT) {}
 };
 
+// KV cache elements: fp32, IEEE fp16 (_Float16, the bits of torch.float16) or bf16 (BF16, the bits of
+// torch.bfloat16: the high 16 bits of an fp32). Arithmetic is fp32.
+struct BF16 {
+    uint16_t bits;
+};
+
 // ---- vector primitives --------------------------------------------------------------------------------------
 
 #if PAGODA_AVX2
@@ -125,11 +132,20 @@ inline float hsum(__m256 a) {
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const _Float16* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m256 load8(const BF16* p) {  // a bf16 is the high half of an fp32
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
 #endif
 
-// KV cache elements are fp32 or IEEE fp16 (_Float16, the bits of torch.float16); arithmetic is fp32.
 inline float to_f32(float x) { return x; }
 inline float to_f32(_Float16 x) { return static_cast<float>(x); }
+inline float to_f32(BF16 x) {
+    const uint32_t bits = uint32_t(x.bits) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+}
 
 template <typename KV>
 inline float dot(const float* a, const KV* b, i64 n) {
@@ -432,6 +448,32 @@ inline void store_row(_Float16* dst, const float* src, i64 n) {
 #endif
     for (; d < n; ++d) dst[d] = static_cast<_Float16>(src[d]);
 }
+// fp32 -> bf16 rounded to nearest even, as torch's .to(torch.bfloat16); a NaN becomes a quiet NaN.
+inline BF16 to_bf16(float x) {
+    uint32_t bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return BF16{0x7fc0};
+    return BF16{uint16_t((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16)};
+}
+inline void store_row(BF16* dst, const float* src, i64 n) {
+    i64 d = 0;
+#if PAGODA_AVX2
+    const __m256i bias = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
+    const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
+    const __m256i quiet_nan = _mm256_set1_epi32(0x7fc0);
+    for (; d + 8 <= n; d += 8) {
+        const __m256i bits = _mm256_castps_si256(_mm256_loadu_ps(src + d));
+        const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), one);
+        __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(bias, lsb)), 16);
+        const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(bits, abs_mask), inf);
+        r = _mm256_blendv_epi8(r, quiet_nan, nan);
+        // 8 x u32 (each < 2^16) -> 8 x u16: pack within 128-bit lanes, then bring the two halves together
+        const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + d), _mm256_castsi256_si128(packed));
+    }
+#endif
+    for (; d < n; ++d) dst[d] = to_bf16(src[d]);
+}
 
 template <typename KV>
 void cache_write(const float* k, i64 k_stride, const float* v, i64 v_stride, const i64* slots, i64 num_tokens,
@@ -534,20 +576,30 @@ void prefill(const Problem<KV>& P, const i64* query_start, i64 first, i64 last, 
     }
 }
 
+// Calls f with a null pointer of the cache's element type (kv_dtype: 0 fp32, 1 fp16, 2 bf16).
+template <typename F>
+void with_kv_type(int64_t kv_dtype, F&& f) {
+    if (kv_dtype == 1)
+        f(static_cast<_Float16*>(nullptr));
+    else if (kv_dtype == 2)
+        f(static_cast<BF16*>(nullptr));
+    else
+        f(static_cast<float*>(nullptr));
+}
+
 }  // namespace
 
 extern "C" {
 
 // k_cache[slots[t]] = k[t], v_cache[slots[t]] = v[t] for t in [0, T); a row is Hkv * D elements, contiguous in
-// k and v (fp32, token strides k_stride, v_stride) and in the caches (kv_dtype: 0 fp32, 1 fp16).
+// k and v (fp32, token strides k_stride, v_stride) and in the caches (kv_dtype: 0 fp32, 1 fp16, 2 bf16).
 void paged_cache_write(const float* k, int64_t k_stride, const float* v, int64_t v_stride, const int64_t* slots,
                        int64_t num_tokens, int64_t row, void* k_cache, void* v_cache, int64_t kv_dtype) {
-    if (kv_dtype == 1)
-        cache_write(k, k_stride, v, v_stride, slots, num_tokens, row, static_cast<_Float16*>(k_cache),
-                    static_cast<_Float16*>(v_cache));
-    else
-        cache_write(k, k_stride, v, v_stride, slots, num_tokens, row, static_cast<float*>(k_cache),
-                    static_cast<float*>(v_cache));
+    with_kv_type(kv_dtype, [&](auto* tag) {
+        using KV = std::remove_pointer_t<decltype(tag)>;
+        cache_write(k, k_stride, v, v_stride, slots, num_tokens, row, static_cast<KV*>(k_cache),
+                    static_cast<KV*>(v_cache));
+    });
 }
 
 // Requests [0, num_seqs): one query token each, flat row i, at position context_lens[i] - 1.
@@ -556,16 +608,13 @@ void paged_attention_decode(const float* q, int64_t q_stride, float* out, int64_
                             int64_t table_stride, const int64_t* context_lens, int64_t num_seqs, int64_t num_heads,
                             int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t window, float scale,
                             int num_threads) {
-    if (kv_dtype == 1)
-        decode(Problem<_Float16>{q, q_stride, out, out_stride, static_cast<const _Float16*>(k_cache),
-                                 static_cast<const _Float16*>(v_cache), block_tables, table_stride, context_lens,
-                                 num_heads, num_kv_heads, head_dim, block_size, window, scale},
+    with_kv_type(kv_dtype, [&](auto* tag) {
+        using KV = std::remove_pointer_t<decltype(tag)>;
+        decode(Problem<KV>{q, q_stride, out, out_stride, static_cast<const KV*>(k_cache),
+                           static_cast<const KV*>(v_cache), block_tables, table_stride, context_lens, num_heads,
+                           num_kv_heads, head_dim, block_size, window, scale},
                num_seqs, threads(num_threads));
-    else
-        decode(Problem<float>{q, q_stride, out, out_stride, static_cast<const float*>(k_cache),
-                              static_cast<const float*>(v_cache), block_tables, table_stride, context_lens,
-                              num_heads, num_kv_heads, head_dim, block_size, window, scale},
-               num_seqs, threads(num_threads));
+    });
 }
 
 // Requests [first, last): request i has flat query rows [query_start[i], query_start[i + 1]) at the last
@@ -575,16 +624,13 @@ void paged_attention_prefill(const float* q, int64_t q_stride, float* out, int64
                              int64_t table_stride, const int64_t* context_lens, const int64_t* query_start,
                              int64_t first, int64_t last, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                              int64_t block_size, int64_t window, float scale, int num_threads) {
-    if (kv_dtype == 1)
-        prefill(Problem<_Float16>{q, q_stride, out, out_stride, static_cast<const _Float16*>(k_cache),
-                                  static_cast<const _Float16*>(v_cache), block_tables, table_stride, context_lens,
-                                  num_heads, num_kv_heads, head_dim, block_size, window, scale},
+    with_kv_type(kv_dtype, [&](auto* tag) {
+        using KV = std::remove_pointer_t<decltype(tag)>;
+        prefill(Problem<KV>{q, q_stride, out, out_stride, static_cast<const KV*>(k_cache),
+                            static_cast<const KV*>(v_cache), block_tables, table_stride, context_lens, num_heads,
+                            num_kv_heads, head_dim, block_size, window, scale},
                 query_start, first, last, threads(num_threads));
-    else
-        prefill(Problem<float>{q, q_stride, out, out_stride, static_cast<const float*>(k_cache),
-                               static_cast<const float*>(v_cache), block_tables, table_stride, context_lens,
-                               num_heads, num_kv_heads, head_dim, block_size, window, scale},
-                query_start, first, last, threads(num_threads));
+    });
 }
 
 }  // extern "C"

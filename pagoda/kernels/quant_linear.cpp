@@ -26,6 +26,7 @@
 #include <immintrin.h>
 #include <omp.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -375,6 +376,53 @@ void q4_linear_impl(const float* x, int64_t M, int64_t K, int64_t ldx, const uin
     }
 }
 
+// ---- bf16 weights (a --dtype bfloat16 model's own) ------------------------------------------------------------
+// y = x @ W^T with W bf16 [N, K] row-major (torch's Linear layout) and fp32 x, y: each weight is widened to fp32
+// on load (a bf16 is the high half of an fp32) and multiplied by x unrounded, fp32 sums. Blocks of MR rows of x by
+// 4 rows of W keep 4 * MR accumulators in registers; a thread's 4 weight rows stay in L1 over all rows of x.
+
+inline __m256 bf16x8(const uint16_t* p) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+inline float bf16_value(uint16_t bits) {
+    const uint32_t wide = uint32_t(bits) << 16;
+    float f;
+    std::memcpy(&f, &wide, sizeof f);
+    return f;
+}
+
+// y[r][j] = x_r . w_j for MR rows of x (stride ldx) and nn <= 4 rows of W (stride K).
+template <int MR>
+void bf16_block(const float* x, int64_t ldx, const uint16_t* w, int64_t K, int64_t nn, float* y, int64_t ldy) {
+    const uint16_t* wr[4];
+    for (int j = 0; j < 4; ++j) wr[j] = w + std::min<int64_t>(j, nn - 1) * K;  // a short block repeats its last row
+    __m256 acc[MR][4];
+    for (int r = 0; r < MR; ++r)
+        for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_ps();
+    const int64_t kv = K & ~int64_t(7);
+    for (int64_t k = 0; k < kv; k += 8) {
+        __m256 wv[4];
+        for (int j = 0; j < 4; ++j) wv[j] = bf16x8(wr[j] + k);
+        for (int r = 0; r < MR; ++r) {
+            const __m256 xv = _mm256_loadu_ps(x + r * ldx + k);
+            for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_fmadd_ps(xv, wv[j], acc[r][j]);
+        }
+    }
+    for (int r = 0; r < MR; ++r) {
+        // the four horizontal sums of acc[r][0..3], in order
+        const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(acc[r][0], acc[r][1]), _mm256_hadd_ps(acc[r][2], acc[r][3]));
+        alignas(16) float sums[4];
+        _mm_store_ps(sums, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+        for (int64_t j = 0; j < nn; ++j) {
+            float s = sums[j];
+            for (int64_t k = kv; k < K; ++k) s += x[r * ldx + k] * bf16_value(wr[j][k]);
+            y[r * ldy + j] = s;
+        }
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -427,6 +475,19 @@ void int8_dequantize_t(const int8_t* qweight, const uint16_t* scales, int64_t N,
                 }
             }
         }
+    }
+}
+
+// y[M, N] = x[M, K] @ W^T, W bf16 [N, K] row-major (see bf16_block).
+void bf16_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const uint16_t* w, int64_t N, float* y,
+                 int64_t ldy, int threads) {
+    const int64_t blocks = (N + 3) / 4;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t n0 = 4 * b, nn = std::min<int64_t>(4, N - n0);
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4) bf16_block<4>(x + m * ldx, ldx, w + n0 * K, K, nn, y + m * ldy + n0, ldy);
+        for (; m < M; ++m) bf16_block<1>(x + m * ldx, ldx, w + n0 * K, K, nn, y + m * ldy + n0, ldy);
     }
 }
 

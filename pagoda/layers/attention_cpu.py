@@ -5,10 +5,10 @@ addresses, built once per step and shared by every layer) and the per-layer call
 then decode and prefill attention read the context in place through the block tables, with no gather).
 Semantics are the reference backend's (attention_reference.py), which is the oracle in the tests.
 
-The kernel computes in fp32 over an fp32 or fp16 KV cache (KV_DTYPES; fp16 rows are widened on load, new rows
-rounded to nearest even, as torch's .to(torch.float16)). q, k, v of another dtype are converted to fp32 (and the
-output back); a cache of another dtype is not supported here: attention_select.py picks the reference backend
-for it.
+The kernel computes in fp32 over an fp32, fp16 or bf16 KV cache (KV_DTYPES; fp16 and bf16 rows are widened on
+load, new rows rounded to nearest even, as torch's .to(torch.float16) and .to(torch.bfloat16)). q, k, v of
+another dtype are converted to fp32 (and the output back); a cache of another dtype is not supported here:
+attention_select.py picks the reference backend for it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pagoda.layers.attention import Attention, AttentionBackend, BatchLayout
 
 _P, _I64, _F32, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 # KV cache dtypes the kernel reads, and the code it knows each by.
-KV_DTYPES = {torch.float32: 0, torch.float16: 1}
+KV_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 _ARGTYPES = {
     # k, k_stride, v, v_stride, slots, num_tokens, row, k_cache, v_cache, kv_dtype
@@ -107,7 +107,7 @@ class CpuPagedBackend(AttentionBackend):
                 kv_cache: torch.Tensor, md: CpuMetadata) -> torch.Tensor:
         # The kernel indexes the cache as [2, num_slots, Hkv, D], densely packed: check before touching it.
         if kv_cache.dtype not in KV_DTYPES or not kv_cache.is_contiguous() or not kv_cache.is_cpu:
-            raise ValueError(f"the cpu attention backend needs a contiguous fp32 or fp16 KV cache in CPU memory, "
+            raise ValueError(f"the cpu attention backend needs a contiguous fp32, fp16 or bf16 KV cache in CPU memory, "
                              f"got {kv_cache.dtype} on {kv_cache.device}")
         out_dtype = q.dtype
         q, k, v = _fp32_rows(q), _fp32_rows(k), _fp32_rows(v)

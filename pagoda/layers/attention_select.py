@@ -1,7 +1,7 @@
 """Chooses the attention backend of an engine: the native CPU kernel or the torch reference.
 
-"auto" takes the CPU kernel when it can run (CPU device, fp32 or fp16 KV cache, the kernel compiles) and the reference
-otherwise; "cpu" requires the kernel and fails loudly when it cannot run; "reference" is always available.
+"auto" takes the CPU kernel when it can run (CPU device, fp32, fp16 or bf16 KV cache, the kernel compiles) and
+the reference otherwise; "cpu" requires the kernel and fails loudly when it cannot run; "reference" is always available.
 The choice and its reason go into the execution plan (execution_plan.py).
 """
 
@@ -23,7 +23,7 @@ def _cpu_unsupported(device: torch.device, cache_dtype: torch.dtype) -> str | No
     from pagoda.layers.attention_cpu import KV_DTYPES
 
     if cache_dtype not in KV_DTYPES:
-        return f"the KV cache is {str(cache_dtype).removeprefix('torch.')}; the kernel reads fp32 and fp16 only"
+        return f"the KV cache is {str(cache_dtype).removeprefix('torch.')}; the kernel reads fp32, fp16 and bf16 only"
     return None
 
 

@@ -152,6 +152,7 @@ _SIGNATURES = {
     "int8_dequantize_t": [_P, _P, _I64, _I64, _P, ctypes.c_int],
     "q4_linear": [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _P, _I64, ctypes.c_int],
     "q4a16_linear": [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _P, _I64, ctypes.c_int],
+    "bf16_linear": [_P, _I64, _I64, _I64, _P, _I64, _P, _I64, ctypes.c_int],
 }
 
 
@@ -386,6 +387,45 @@ class Q4Linear(QuantizedLinear):
         w = codes.float().view(n, -1, GROUP)
         w = w * d.view(torch.float16).float().unsqueeze(-1) + m.view(torch.float16).float().unsqueeze(-1)
         return w.view(n, k).t()
+
+
+class Bf16Linear(QuantizedLinear):
+    """A bf16 weight [N, K] as it is (a `--dtype bfloat16` model's own, shared, not copied), for the kernel and the
+    native stack: the kernel widens each weight to fp32 and multiplies fp32 activations, so y is x @ W^T up to
+    fp32 rounding, closer to exact than torch's bf16 linear (which also rounds x and y to bf16). The kernel plan
+    may send large calls to bf16_gemm like any quantized layer."""
+
+    kind = 4
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__(*weight.shape, bias)
+        self.register_buffer("weight", weight.detach().to(torch.bfloat16).contiguous())  # [N, K]
+        self._pointers()
+
+    def packed(self) -> tuple[torch.Tensor, ...]:
+        return (self.weight,)
+
+    def run_kernel(self, lib: ctypes.CDLL, rows: torch.Tensor, y: torch.Tensor) -> None:
+        m, k = rows.shape
+        lib.bf16_linear(rows.data_ptr(), m, k, k, self.weight_pointers[0], self.out_features, y.data_ptr(),
+                        self.out_features, torch.get_num_threads())
+
+    def weight_fp32_t(self) -> torch.Tensor:
+        return self.weight.float().t()
+
+
+def use_bf16_kernels(model: nn.Module) -> int:
+    """Swap a bf16 model's Linear layers (the LM head included) for Bf16Linear over the same weights, so the
+    native stack can run it; the number swapped (0 when the kernels cannot be built: the model stays as it is)."""
+    if _kernel() is None:
+        return 0
+    swapped = 0
+    for name, module in _linears(model):
+        if module.weight.dtype == torch.bfloat16:
+            _swap(model, name, Bf16Linear(module.weight, module.bias))
+            swapped += 1
+    logger.info("bfloat16: %d linear layers run the bf16-weight kernel", swapped)
+    return swapped
 
 
 def resolve_quantization(method: str | None, device: torch.device, dtype: torch.dtype, is_gguf: bool) -> str | None:

@@ -12,7 +12,7 @@ rounding order (tests/test_native_stack.py) when they run the same kernels.
 
 It applies when every piece has a native twin: Llama-layout layers (SiLU MLP, no projection bias, optional
 Qwen3 head norms), quantized linear layers (int8 or q4, K a multiple of 32), rotate-half rotary, the native
-attention backend and an fp32 or fp16 KV cache. `attach` says why not otherwise, and the model keeps running on
+attention backend and an fp32, fp16 or bf16 KV cache. `attach` says why not otherwise, and the model keeps running on
 torch.
 
 On a tensor-parallel rank it runs that rank's shard (its heads, its MLP slice) and sums the o / down projections
@@ -97,7 +97,7 @@ def unsupported_reason(model: nn.Module, kv_caches: list[torch.Tensor], backend)
     if not isinstance(backend, CpuPagedBackend):
         return "the attention backend is not the native one"
     if any(c.dtype not in KV_DTYPES or not c.is_contiguous() or not c.is_cpu for c in kv_caches):
-        return "the KV cache is not fp32 or fp16 in CPU memory"
+        return "the KV cache is not fp32, fp16 or bf16 in CPU memory"
     config = model.config
     if config.hidden_act != "silu" or config.attention_bias:
         return "the MLP is not SiLU-gated or the attention projections have a bias"
@@ -121,8 +121,10 @@ class NativeStack:
         inner = model.model
         self.embed = inner.embed_tokens  # None after the first pipeline stage
         rotary = model.rotary
-        self._keep = [rotary.cos.contiguous(), rotary.sin.contiguous()]  # the pointers below point into these
+        self._keep: list[torch.Tensor] = []  # fp32 copies the pointers below point into (see _fp32)
+        cos, sin = self._fp32(rotary.cos), self._fp32(rotary.sin)
         decoder = list(inner.layers.values())
+        self.dtype = decoder[0].input_layernorm.weight.dtype  # the torch modules' (what a step returns)
         layers = (_Layer * len(decoder))()
         self._linears: list[QuantizedLinear] = []  # by the index dense_gemm is called with
         for i, (layer, cache) in enumerate(zip(decoder, kv_caches)):
@@ -131,9 +133,9 @@ class NativeStack:
             linears = [attn.qkv_proj, attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj]
             structs = [_qlinear(m, len(self._linears) + j) for j, m in enumerate(linears)]
             self._linears += linears
-            layers[i] = _Layer(layer.input_layernorm.weight.data_ptr(),
-                               layer.post_attention_layernorm.weight.data_ptr(),
-                               *(n.weight.data_ptr() if n is not None else None for n in norms),
+            layers[i] = _Layer(self._fp32(layer.input_layernorm.weight),
+                               self._fp32(layer.post_attention_layernorm.weight),
+                               *(self._fp32(n.weight) if n is not None else None for n in norms),
                                *structs, cache.data_ptr(), attn.attn.sliding_window or 0)
         self._layers = layers
         self._dense_gemm = _DENSE_GEMM(self._run_dense)  # kept on self: it must outlive every call
@@ -148,15 +150,23 @@ class NativeStack:
         else:
             self._all_reduce = _ALL_REDUCE(_tp_all_reduce(tp))
         self._tp = tp
-        final_norm = inner.norm.weight.data_ptr() if inner.norm is not None else None
+        final_norm = self._fp32(inner.norm.weight) if inner.norm is not None else None
         self.stack = _Stack(len(decoder), config.hidden_size, first.num_heads, first.num_kv_heads,
                             config.head_dim, decoder[0].mlp.intermediate_size, kv_caches[0].shape[1],
                             KV_DTYPES[kv_caches[0].dtype], config.rms_norm_eps, first.attn.scale,
-                            self._keep[0].data_ptr(), self._keep[1].data_ptr(), final_norm, layers,
+                            cos, sin, final_norm, layers,
                             self._all_reduce, self._dense_gemm)
         self._stack_ref = ctypes.byref(self.stack)
         self.max_tokens: int | None = None  # the largest step it serves; None: every step
         self.follow_layers()
+
+    def _fp32(self, weight: torch.Tensor) -> int:
+        """The address of `weight` as contiguous fp32: the tensor itself, or a copy kept on self (a bf16 model's
+        norms)."""
+        if weight.dtype != torch.float32 or not weight.is_contiguous():
+            weight = weight.detach().to(torch.float32).contiguous()
+            self._keep.append(weight)
+        return weight.data_ptr()
 
     def follow_layers(self) -> None:
         """Take each layer's current paths (the kernel plan): calls from its `bf16_min_rows` on go to its dense
@@ -188,7 +198,7 @@ class NativeStack:
             raise TypeError("the native stack runs with the native attention backend's metadata")
         positions = positions.to(torch.int64).contiguous()
         h = (self.embed(input_ids) if hidden is None else hidden).to(torch.float32).contiguous()
-        if hidden is not None:
+        if hidden is not None and h.data_ptr() == hidden.data_ptr():
             h = h.clone()  # the stack updates the residual stream in place
         out = torch.empty_like(h)
         batch = _Batch(md.num_tokens, positions.data_ptr(), md.slots_ptr, md.tables_ptr, md.table_stride,
@@ -196,7 +206,7 @@ class NativeStack:
         self.lib.llama_stack_forward(self._stack_ref, ctypes.byref(batch), h.data_ptr(), out.data_ptr(),
                                      md.num_threads)
         self._tp.raise_if_failed()
-        return out
+        return out if self.dtype == torch.float32 else out.to(self.dtype)
 
 
 def _tp_all_reduce(tp):

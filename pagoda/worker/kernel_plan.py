@@ -44,7 +44,8 @@ import torch
 from torch import nn
 
 from pagoda import kernels
-from pagoda.layers.quantized import QuantizedLinear, bf16_gemm
+from pagoda.layers.quantized import Bf16Linear, QuantizedLinear, bf16_gemm
+from pagoda.model_store import store_root
 
 logger = logging.getLogger("pagoda")
 
@@ -58,7 +59,7 @@ class ShapeChoice:
     """The choice for one layer shape: `bf16_min_rows` (None: the kernel at every size) and the timings it was made
     from, (rows, kernel seconds, bf16 seconds or None when not timed)."""
 
-    fmt: str  # the weight format: "q4a16", "q4a8" or "int8"
+    fmt: str  # the weight format: "q4a16", "q4a8", "int8" or "bf16"
     n: int
     k: int
     bf16_min_rows: int | None
@@ -127,6 +128,8 @@ class KernelPlan:
 
 
 def layer_format(layer: QuantizedLinear) -> str:
+    if isinstance(layer, Bf16Linear):
+        return "bf16"
     activations = getattr(layer, "activations", None)
     return "int8" if activations is None else f"q4a{activations.removeprefix('int')}"
 
@@ -208,8 +211,7 @@ def _cache_path(model: nn.Module, largest_rows: int, head_rows: int) -> Path:
                 "threads": torch.get_num_threads(), "kernels": kernels.source_digest(), "rows": largest_rows,
                 "head_rows": head_rows, "shapes": sorted(_distinct_shapes(model))}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    home = Path(os.environ.get("PAGODA_HOME") or Path.home() / ".cache" / "pagoda").expanduser()
-    return home / "kernel-plans" / f"{key}.json"
+    return store_root() / "kernel-plans" / f"{key}.json"
 
 
 def _read_cache(path: Path) -> KernelPlan | None:

@@ -17,7 +17,13 @@ from pagoda.config import EngineConfig, ModelConfig
 from pagoda.execution_plan import ExecutionPlan
 from pagoda.layers.attention import AttentionBackend
 from pagoda.layers.attention_select import backend_name, create_backend
-from pagoda.layers.quantized import check_quantization, kernel_variant, quantize_model, resolve_quantization
+from pagoda.layers.quantized import (
+    check_quantization,
+    kernel_variant,
+    quantize_model,
+    resolve_quantization,
+    use_bf16_kernels,
+)
 from pagoda.loader import Checkpoint, open_checkpoint
 from pagoda.models import native_stack
 from pagoda.models.registry import model_class
@@ -71,6 +77,8 @@ def load_weights(checkpoint: Checkpoint, config: EngineConfig, shard: ModelShard
     model = build_model(checkpoint, dtype, device, shard)
     if quantization is not None:
         quantize_model(model, quantization, checkpoint.sources() if checkpoint.is_gguf else None)
+    elif dtype == torch.bfloat16 and device.type == "cpu":
+        use_bf16_kernels(model)  # the native stack's bf16-weight layers
     return model, quantization
 
 
