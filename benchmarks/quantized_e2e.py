@@ -4,7 +4,8 @@ weights and cache on the default model: decode speed and output quality.
 A configuration is QUANTIZATION[+KV_CACHE_DTYPE][@KERNEL_PLAN]: "gguf" is the default engine (the GGUF's blocks,
 fp16 KV cache on the CPU, the compiled kernels at every size), "gguf+float32" the same weights with an fp32 cache,
 "gguf@auto" the kernel plan measured on this CPU (bf16 GEMMs where faster), "gguf@bf16:1" bf16 GEMMs (oneDNN) for
-every call; the reference "fp32" has fp32 weights and an fp32 cache.
+every call, "bf16" the weights rounded to bf16 (`--dtype bfloat16`, its bf16 KV cache; "bf16+float32" an fp32 one);
+the reference "fp32" has fp32 weights and an fp32 cache.
 
 Speed: one request (or --batch requests at once), greedy, ignore_eos, --tokens tokens; time per output token
 after the first (steps after the prefill step), best of --repeats runs.
@@ -95,8 +96,8 @@ def main() -> None:
     parser.add_argument("--batch", default="1,16", help="requests at once for speed (default: 1,16)")
     parser.add_argument("--repeats", type=int, default=3, help="speed runs, best taken (default: 3)")
     parser.add_argument("--methods", default="gguf,gguf+float32,int8",
-                        help="QUANTIZATION[+KV_CACHE_DTYPE] configurations to compare with fp32 "
-                             "(default: gguf,gguf+float32,int8)")
+                        help="QUANTIZATION[+KV_CACHE_DTYPE][@KERNEL_PLAN] configurations (QUANTIZATION may be "
+                             "bf16) to compare with fp32 (default: gguf,gguf+float32,int8)")
     parser.add_argument("--prompts", type=int, default=8, help=f"quality prompts, at most {len(PROMPTS)}")
     parser.add_argument("--quality-tokens", type=int, default=64, help="greedy tokens per prompt (default: 64)")
     args = parser.parse_args()
@@ -106,8 +107,11 @@ def main() -> None:
     for method in methods:
         weights, _, plan = method.partition("@")
         quantization, _, kv_cache_dtype = weights.partition("+")
-        llms[method] = LLM(args.model, quantization=quantization, kv_cache_dtype=kv_cache_dtype or "auto",
-                           kernel_plan=plan or "kernel", **kwargs)
+        config = dict(kwargs, quantization=quantization, kv_cache_dtype=kv_cache_dtype or "auto",
+                      kernel_plan=plan or "kernel")
+        if quantization == "bf16":  # the weights in bf16, no quantization: `--dtype bfloat16`
+            config.update(dtype="bfloat16", quantization=None)
+        llms[method] = LLM(args.model, **config)
         print(f"{method}: kernel plan {llms[method].engine.plan.kernel_plan}", flush=True)
     print(f"threads={torch.get_num_threads()}")
     for batch in (int(b) for b in args.batch.split(",")):

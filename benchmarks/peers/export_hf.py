@@ -7,6 +7,7 @@ need one (vLLM). Uses transformers' GGUF dequantization; run with a Python that 
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -22,6 +23,9 @@ def export(gguf: Path, out: Path, dtype: torch.dtype = torch.bfloat16) -> None:
     plain.config.quantization_config = None
     out.mkdir(parents=True, exist_ok=True)
     plain.save_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
+    config.pop("quantization_config", None)  # written as null, which optimum's export reads as a quantizer
+    (out / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save_pretrained(out)
     print(f"wrote {out}")
 

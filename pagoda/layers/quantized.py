@@ -5,6 +5,8 @@ layers (and LM head) for them. Two weight formats, both in groups of 32 along K:
   linear layer to it; a GGUF Q8_0 tensor converts to it exactly.
 - q4 (Q4Linear): Q4_1's 4-bit codes with an fp16 scale and offset (w = d * c + m). Built only from a GGUF
   file's own Q4_1 blocks (`quantization="gguf"` or `"gguf-a8"`), so the weights are exactly the checkpoint's.
+A bf16 model's layers (Bf16Linear, `dtype=bfloat16`, no quantization) share the kernel interface: their weights
+stay bf16 and the kernel widens them to fp32, so the native stack can run the model.
 
 Small batches (decode) run the AVX2 kernels of pagoda/kernels/quant_linear.cpp (their VNNI variant where the CPU
 has it: the same integer sums in fewer instructions), which read each weight byte
