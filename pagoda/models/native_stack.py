@@ -11,9 +11,9 @@ on a GEMM over the dequantized weight, through the torch modules). Both paths gi
 rounding order (tests/test_native_stack.py) when they run the same kernels.
 
 It applies when every piece has a native twin: Llama-layout layers (SiLU MLP, no projection bias, optional
-Qwen3 head norms), quantized linear layers (int8 or q4, K a multiple of 32), rotate-half rotary, the native
-attention backend and an fp32, fp16 or bf16 KV cache. `attach` says why not otherwise, and the model keeps running on
-torch.
+Qwen3 head norms), quantized linear layers (int8 or q4 with K a multiple of 32, or a bf16 model's Bf16Linear),
+rotate-half rotary, the native attention backend and an fp32, fp16 or bf16 KV cache. `unsupported_reason` says why not
+otherwise, and the model keeps running on torch.
 
 On a tensor-parallel rank it runs that rank's shard (its heads, its MLP slice) and sums the o / down projections
 over the group through a callback into torch.distributed; on a pipeline stage, its layers (the first stage
@@ -106,7 +106,7 @@ def unsupported_reason(model: nn.Module, kv_caches: list[torch.Tensor], backend)
     for layer in model.model.layers.values():
         for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
             if not isinstance(linear, QuantizedLinear):
-                return "not every linear layer is quantized (use quantization='int8' or 'gguf')"
+                return "not every linear layer is quantized (use quantization='int8' or 'gguf', or dtype='bfloat16')"
             if linear.bias is not None or linear.padded_in_features != linear.in_features:
                 return "a linear layer has a bias or an input size that is not a multiple of 32"
     return None
