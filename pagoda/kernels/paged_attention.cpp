@@ -42,6 +42,7 @@
 #define PAGODA_AVX2 0
 #endif
 
+#include "bf16.h"
 #include "kernel_abi.h"
 
 namespace {
@@ -132,20 +133,12 @@ inline float hsum(__m256 a) {
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const _Float16* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-inline __m256 load8(const BF16* p) {  // a bf16 is the high half of an fp32
-    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
+inline __m256 load8(const BF16* p) { return pagoda_bf16::load8(&p->bits); }
 #endif
 
 inline float to_f32(float x) { return x; }
 inline float to_f32(_Float16 x) { return static_cast<float>(x); }
-inline float to_f32(BF16 x) {
-    const uint32_t bits = uint32_t(x.bits) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-}
+inline float to_f32(BF16 x) { return pagoda_bf16::to_f32(x.bits); }
 
 template <typename KV>
 inline float dot(const float* a, const KV* b, i64 n) {

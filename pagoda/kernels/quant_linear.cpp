@@ -32,6 +32,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "bf16.h"
 #include "kernel_abi.h"
 
 namespace {
@@ -381,18 +382,6 @@ void q4_linear_impl(const float* x, int64_t M, int64_t K, int64_t ldx, const uin
 // on load (a bf16 is the high half of an fp32) and multiplied by x unrounded, fp32 sums. Blocks of MR rows of x by
 // 4 rows of W keep 4 * MR accumulators in registers; a thread's 4 weight rows stay in L1 over all rows of x.
 
-inline __m256 bf16x8(const uint16_t* p) {
-    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-
-inline float bf16_value(uint16_t bits) {
-    const uint32_t wide = uint32_t(bits) << 16;
-    float f;
-    std::memcpy(&f, &wide, sizeof f);
-    return f;
-}
-
 // y[r][j] = x_r . w_j for MR rows of x (stride ldx) and nn <= 4 rows of W (stride K).
 template <int MR>
 void bf16_block(const float* x, int64_t ldx, const uint16_t* w, int64_t K, int64_t nn, float* y, int64_t ldy) {
@@ -404,7 +393,7 @@ void bf16_block(const float* x, int64_t ldx, const uint16_t* w, int64_t K, int64
     const int64_t kv = K & ~int64_t(7);
     for (int64_t k = 0; k < kv; k += 8) {
         __m256 wv[4];
-        for (int j = 0; j < 4; ++j) wv[j] = bf16x8(wr[j] + k);
+        for (int j = 0; j < 4; ++j) wv[j] = pagoda_bf16::load8(wr[j] + k);
         for (int r = 0; r < MR; ++r) {
             const __m256 xv = _mm256_loadu_ps(x + r * ldx + k);
             for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_fmadd_ps(xv, wv[j], acc[r][j]);
@@ -417,7 +406,7 @@ void bf16_block(const float* x, int64_t ldx, const uint16_t* w, int64_t K, int64
         _mm_store_ps(sums, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
         for (int64_t j = 0; j < nn; ++j) {
             float s = sums[j];
-            for (int64_t k = kv; k < K; ++k) s += x[r * ldx + k] * bf16_value(wr[j][k]);
+            for (int64_t k = kv; k < K; ++k) s += x[r * ldx + k] * pagoda_bf16::to_f32(wr[j][k]);
             y[r * ldy + j] = s;
         }
     }
