@@ -147,6 +147,7 @@ def q4_1_codes(blocks: np.ndarray, n: int, k: int) -> tuple[torch.Tensor, torch.
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _library: ctypes.CDLL | bool | None = None  # None: not loaded yet; False: cannot be built (torch path)
+_amx: bool | None = None  # amx_bf16_available's answer, once asked
 
 
 _SIGNATURES = {
@@ -155,6 +156,7 @@ _SIGNATURES = {
     "q4_linear": [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _P, _I64, ctypes.c_int],
     "q4a16_linear": [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _P, _I64, ctypes.c_int],
     "bf16_linear": [_P, _I64, _I64, _I64, _P, _I64, _P, _I64, ctypes.c_int],
+    "amx_bf16_linear": [_P, _I64, _I64, _I64, _P, _I64, _P, _I64, ctypes.c_int],
 }
 
 
@@ -166,6 +168,7 @@ def load_kernels(defines: tuple[str, ...] = ()) -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, None
     lib.quant_linear_variant.argtypes, lib.quant_linear_variant.restype = [], ctypes.c_char_p
+    lib.amx_bf16_available.argtypes, lib.amx_bf16_available.restype = [], ctypes.c_int
     return lib
 
 
@@ -204,6 +207,46 @@ def bf16_gemm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = 
         mkldnn.fp32_precision = previous
 
 
+def amx_bf16_available() -> bool:
+    """Whether the AMX bf16 GEMM (pagoda/kernels/amx_bf16.cpp) runs here: the kernels were built for a CPU with
+    AMX-BF16 and AVX512-BF16, and the OS grants the tile state."""
+    global _amx
+    if _amx is None:
+        lib = _kernel()
+        _amx = bool(lib is not None and lib.amx_bf16_available())
+    return _amx
+
+
+def pack_amx_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """W [N, K] (N % 16 == 0, K % 32 == 0) rounded to bf16 (to nearest even) in the AMX kernel's tile layout
+    [N/16, K/32, 16 k pairs, 16 columns, 2] (see amx_bf16.cpp)."""
+    n, k = weight.shape
+    return (weight.detach().to(torch.bfloat16).view(n // TILE, TILE, k // GROUP, TILE, 2)
+            .permute(0, 2, 3, 1, 4).contiguous())
+
+
+def dense_bf16_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The copy of W [N, K] the bf16 path reads (QuantizedLinear.use_bf16): packed bf16 for the AMX kernel where
+    it runs and the shape fits it (2 bytes per weight, converted once), else fp32 [N, K] for bf16_gemm (oneDNN
+    converts it at every call)."""
+    n, k = weight.shape
+    if amx_bf16_available() and n % TILE == 0 and k % GROUP == 0:
+        return pack_amx_bf16(weight)
+    return weight.detach().to(torch.float32).contiguous()
+
+
+def dense_bf16_gemm(x: torch.Tensor, dense: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T for fp32 x [M, K] (contiguous) and a `dense_bf16_weight` of W: bf16 products, fp32 sums and output,
+    on AMX tiles by the kernel (a packed weight) or through oneDNN (an fp32 one). `out`: fp32 [M, N] to write."""
+    if dense.dtype != torch.bfloat16:
+        return bf16_gemm(x, dense, out)
+    m, k = x.shape
+    n = dense.shape[0] * TILE
+    y = torch.empty((m, n), dtype=torch.float32) if out is None else out
+    _library.amx_bf16_linear(x.data_ptr(), m, k, k, dense.data_ptr(), n, y.data_ptr(), n, torch.get_num_threads())
+    return y
+
+
 class QuantizedLinear(nn.Module, ABC):
     """y = x @ W^T (+ bias) for a packed quantized W; x of any float dtype (computed in fp32, returned in x's).
     Subclasses hold the packed buffers and say how to run the kernel and how to dequantize."""
@@ -211,8 +254,8 @@ class QuantizedLinear(nn.Module, ABC):
     kind = 0  # the fused decoder's code for this format (pagoda/kernels/llama_stack.cpp)
     # Batches of more rows than this take torch's GEMM on the dequantized weight; None: the kernel always.
     kernel_max_rows: int | None = None
-    # Set by use_bf16 (the kernel plan, worker/kernel_plan.py): from this many rows on, bf16_gemm on the dequantized
-    # weight runs instead of the kernel (oneDNN, on AMX or AVX512-BF16 where the CPU has them).
+    # Set by use_bf16 (the kernel plan, worker/kernel_plan.py): from this many rows on, dense_bf16_gemm on the
+    # dequantized weight runs instead of the kernel (AMX tiles or oneDNN, see dense_bf16_weight).
     bf16_min_rows: int | None = None
     k_per_packed_row = 1  # input columns per index of the packed weight's dimension 1
 
@@ -220,7 +263,7 @@ class QuantizedLinear(nn.Module, ABC):
         super().__init__()
         self.out_features, self.in_features = out_features, in_features
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.float32), requires_grad=False)
-        self.register_buffer("dense_weight", None, persistent=False)  # fp32 [N, K'] while use_bf16 is on
+        self.register_buffer("dense_weight", None, persistent=False)  # a dense_bf16_weight while use_bf16 is on
         _kernel()  # load (build) the kernels now, not in the first forward
 
     def _pointers(self) -> None:
@@ -247,13 +290,13 @@ class QuantizedLinear(nn.Module, ABC):
         """The dequantized weight, transposed: [K', N] (a view; padded input columns give zero rows)."""
 
     def use_bf16(self, min_rows: int | None) -> None:
-        """Run calls of at least `min_rows` rows with bf16_gemm (None: never). Keeps the dequantized weight, fp32
-        [N, K'] (4 bytes per weight beside the packed ones), only while it is used."""
+        """Run calls of at least `min_rows` rows with dense_bf16_gemm (None: never). Keeps the dequantized weight
+        (dense_bf16_weight: 2 bytes per weight on AMX, else 4, beside the packed ones) only while it is used."""
         self.bf16_min_rows = min_rows
         if min_rows is None:
             self.dense_weight = None
         elif self.dense_weight is None:
-            self.dense_weight = self.weight_fp32_t().t().contiguous()
+            self.dense_weight = dense_bf16_weight(self.weight_fp32_t().t())
 
     @property
     def padded_in_features(self) -> int:
@@ -276,7 +319,7 @@ class QuantizedLinear(nn.Module, ABC):
         limit = self.kernel_max_rows
         bf16_from = self.bf16_min_rows
         if bf16_from is not None and rows.shape[0] >= bf16_from:
-            y = bf16_gemm(rows, self.dense_weight)
+            y = dense_bf16_gemm(rows, self.dense_weight)
         elif lib and (limit is None or rows.shape[0] <= limit):
             y = torch.empty((rows.shape[0], n), dtype=torch.float32)
             self.run_kernel(lib, rows, y)

@@ -4,8 +4,9 @@ A decode step of a small model is dominated by per-op overhead, not arithmetic: 
 each a few microseconds of dispatch. `NativeStack` hands the whole stack (norms, quantized projections,
 rotary, KV-cache write, paged attention, MLP, final norm) to one C++ call over the same weights and cache the
 torch modules use. Each linear layer runs its compiled kernel, or, for calls of at least its `bf16_min_rows` rows
-(the kernel plan, worker/kernel_plan.py), a bf16 GEMM on its dequantized weight through a callback into torch
-(oneDNN: AMX where the CPU has it; ~10 us per call, against GEMMs of 0.1 ms and more). It serves every step, except
+(the kernel plan, worker/kernel_plan.py), a bf16 GEMM on its dequantized weight: in the stack on AMX tiles
+(kernels/amx_bf16.cpp, a weight packed once at 2 bytes per weight) where the CPU has them, else through a callback
+into torch (oneDNN on an fp32 copy; ~10 us per call, against GEMMs of 0.1 ms and more). It serves every step, except
 that int8 layers without such a GEMM take steps of at most 64 tokens (larger steps are compute-bound and run best
 on a GEMM over the dequantized weight, through the torch modules). Both paths give the same results up to fp32
 rounding order (tests/test_native_stack.py) when they run the same kernels.
@@ -41,7 +42,7 @@ _I64, _F32, _P = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
 class _QLinear(ctypes.Structure):
     _fields_ = [("kind", _I64), ("n", _I64), ("k", _I64), ("q", _P), ("d", _P), ("m", _P), ("dense_from", _I64),
-                ("id", _I64)]
+                ("dense", _P), ("id", _I64)]
 
 
 class _Layer(ctypes.Structure):
@@ -84,7 +85,7 @@ def _load_kernel() -> ctypes.CDLL:
 
 def _qlinear(module: QuantizedLinear, index: int) -> _QLinear:
     pointers = list(module.weight_pointers) + [None] * (3 - len(module.weight_pointers))
-    return _QLinear(module.kind, module.out_features, module.padded_in_features, *pointers, 0, index)
+    return _QLinear(module.kind, module.out_features, module.padded_in_features, *pointers, 0, None, index)
 
 
 def unsupported_reason(model: nn.Module, kv_caches: list[torch.Tensor], backend) -> str | None:
@@ -170,18 +171,21 @@ class NativeStack:
 
     def follow_layers(self) -> None:
         """Take each layer's current paths (the kernel plan): calls from its `bf16_min_rows` on go to its dense
-        GEMM through the callback; the stack serves the steps every layer can run here (int8 layers without a
-        dense path: up to their kernel limit)."""
+        bf16 GEMM (the AMX kernel, or the callback); the stack serves the steps every layer can run here (int8
+        layers without a dense path: up to their kernel limit)."""
         limits = []
         for i, linear in enumerate(self._linears):
             struct = getattr(self._layers[i // 4], ("qkv", "o", "gate_up", "down")[i % 4])
             struct.dense_from = linear.bf16_min_rows or 0
+            dense = linear.dense_weight
+            # a packed AMX weight runs in the stack; an fp32 one through the dense_gemm callback (torch)
+            struct.dense = dense.data_ptr() if dense is not None and dense.dtype == torch.bfloat16 else None
             if linear.bf16_min_rows is None and linear.kernel_max_rows is not None:
                 limits.append(linear.kernel_max_rows)
         self.max_tokens = min(limits) if limits else None
 
     def _run_dense(self, index: int, x, rows: int, y) -> None:
-        """The dense_gemm callback: y = x @ W^T for linear `index`, on its dequantized weight."""
+        """The dense_gemm callback: y = x @ W^T for linear `index`, on its dequantized fp32 weight (bf16_gemm)."""
         linear = self._linears[index]
         k, n = linear.padded_in_features, linear.out_features
         x_t = torch.frombuffer((ctypes.c_float * (rows * k)).from_address(ctypes.addressof(x.contents)),

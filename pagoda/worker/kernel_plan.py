@@ -4,10 +4,10 @@ the candidates on this model's own shapes on the CPU it runs on, not by assuming
 Candidates per layer shape (out x in features and weight format):
 - the compiled kernel (pagoda/kernels/quant_linear.cpp, built for this CPU): reads each packed weight byte once per
   call, so it wins while a call is bound by memory (decode: few rows);
-- a bf16 GEMM through torch (layers/quantized.bf16_gemm on the dequantized weight: bf16 products, fp32 sums and
-  output): oneDNN runs it on AMX tiles or AVX512-BF16 where the CPU has them, so it wins once a call is bound by
-  arithmetic (prefill chunks, large decode batches) on such CPUs; elsewhere it is emulated and slow, and the
-  measurement says so.
+- a bf16 GEMM on the dequantized weight (layers/quantized.dense_bf16_gemm: bf16 products, fp32 sums and output):
+  on a CPU with AMX, pagoda/kernels/amx_bf16.cpp on a weight packed once in bf16; elsewhere torch's oneDNN on an
+  fp32 copy (AVX512-BF16 where the CPU has it; emulated, slowly, otherwise, and the measurement says so). It wins
+  once a call is bound by arithmetic (prefill chunks, large decode batches) on CPUs with bf16 units.
 
 For each shape the plan is a row threshold: bf16 from the smallest bucket (powers of two up to the largest call the
 scheduler makes) at which bf16 is faster there and at every larger bucket; None: the kernel at every size. The
@@ -44,13 +44,13 @@ import torch
 from torch import nn
 
 from pagoda import kernels
-from pagoda.layers.quantized import Bf16Linear, QuantizedLinear, bf16_gemm
+from pagoda.layers.quantized import Bf16Linear, QuantizedLinear, amx_bf16_available, dense_bf16_gemm, dense_bf16_weight
 from pagoda.model_store import store_root
 
 logger = logging.getLogger("pagoda")
 
 MIN_BUCKET = 16  # below this a call is memory-bound on every CPU seen: the kernel, unmeasured
-REPEATS = 3  # timed calls per candidate and bucket (the fastest counts), after one warm-up call
+REPEATS = 3  # timed calls per candidate and bucket (the fastest counts), after one untimed warm-up call
 FORMAT_VERSION = 2  # of the cached JSON
 
 
@@ -111,7 +111,8 @@ class KernelPlan:
     def table(self) -> str:
         """The timings as a human-readable table (`pagoda kernel-plan`)."""
         lines = [f"kernel plan {self.mode} ({self.source}); CPU {kernels.host_isa() or 'unknown ISA'}, "
-                 f"{torch.get_num_threads()} threads", f"{'layer':<22}{'rows':>6}{'kernel ms':>12}{'bf16 ms':>10}"]
+                 f"{torch.get_num_threads()} threads; bf16 path: {bf16_path()}",
+                 f"{'layer':<22}{'rows':>6}{'kernel ms':>12}{'bf16 ms':>10}"]
         for s in self.shapes:
             choice = "kernel only" if s.bf16_min_rows is None else f"bf16 from {s.bf16_min_rows} rows"
             lines.append(f"{s.fmt} {s.n}x{s.k}: {choice}")
@@ -125,6 +126,11 @@ class KernelPlan:
             for tokens, kernel_s, plan_s in self.step.timings:
                 lines.append(f"{'':<22}{tokens:>6}{kernel_s * 1e3:>12.3f}{plan_s * 1e3:>10.3f}")
         return "\n".join(lines)
+
+
+def bf16_path() -> str:
+    """Which bf16 GEMM the plan's bf16 choices run here."""
+    return "the AMX kernel" if amx_bf16_available() else "oneDNN on an fp32 copy"
 
 
 def layer_format(layer: QuantizedLinear) -> str:
@@ -168,14 +174,17 @@ def _buckets(largest: int) -> list[int]:
 
 
 def _seconds(fn, x: torch.Tensor, budget: float | None = None) -> float:
-    """The fastest of REPEATS calls after a warm-up; a warm-up slower than `budget` is the answer (no repeats)."""
+    """The fastest of REPEATS calls after an untimed warm-up call; a first timed call slower than `budget` is the
+    answer (no repeats). The warm-up is never the answer: a path's first call in a process pays one-off costs
+    (oneDNN creates and JITs its primitive for the shape, the kernel asks for the AMX tile state), 40-70 ms on
+    a call that then takes 1 ms, which made the first shape measured lose its bf16 path."""
+    fn(x)
     start = time.perf_counter()
     fn(x)
-    first = time.perf_counter() - start
-    if budget is not None and first > budget:
-        return first
-    best = first
-    for _ in range(REPEATS):
+    best = time.perf_counter() - start
+    if budget is not None and best > budget:
+        return best
+    for _ in range(REPEATS - 1):
         start = time.perf_counter()
         fn(x)
         best = min(best, time.perf_counter() - start)
@@ -183,17 +192,17 @@ def _seconds(fn, x: torch.Tensor, budget: float | None = None) -> float:
 
 
 def measure_shape(layer: QuantizedLinear, largest_rows: int) -> ShapeChoice:
-    """Time the kernel and the bf16 GEMM on `layer`'s shape from `largest_rows` down (see the module doc)."""
+    """Time the kernel and the bf16 path on `layer`'s shape from `largest_rows` down (see the module doc)."""
     saved = layer.bf16_min_rows
     layer.use_bf16(None)  # forward runs the kernel (or its torch fallback) only
-    weight = layer.weight_fp32_t().t().contiguous()
+    dense = dense_bf16_weight(layer.weight_fp32_t().t())
     timings, threshold = [], None
     generator = torch.Generator().manual_seed(0)
     try:
         for rows in reversed(_buckets(largest_rows)):
             x = torch.randn(rows, layer.padded_in_features, generator=generator)
             kernel_s = _seconds(layer, x)
-            bf16_s = _seconds(lambda t: bf16_gemm(t, weight), x, budget=3 * kernel_s)
+            bf16_s = _seconds(lambda t: dense_bf16_gemm(t, dense), x, budget=3 * kernel_s)
             timings.append((rows, kernel_s, bf16_s))
             if bf16_s >= kernel_s:
                 break
@@ -208,8 +217,8 @@ def _cache_path(model: nn.Module, largest_rows: int, head_rows: int) -> Path:
     cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
                platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
     identity = {"version": FORMAT_VERSION, "cpu": cpu, "isa": kernels.host_isa(), "torch": torch.__version__,
-                "threads": torch.get_num_threads(), "kernels": kernels.source_digest(), "rows": largest_rows,
-                "head_rows": head_rows, "shapes": sorted(_distinct_shapes(model))}
+                "threads": torch.get_num_threads(), "kernels": kernels.source_digest(), "bf16": bf16_path(),
+                "rows": largest_rows, "head_rows": head_rows, "shapes": sorted(_distinct_shapes(model))}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     return store_root() / "kernel-plans" / f"{key}.json"
 
