@@ -63,3 +63,48 @@ def test_vnni_variant_is_bit_identical_to_the_avx2_baseline(rows) -> None:
         x = torch.randn(rows, layer.padded_in_features) * torch.rand(rows, 1) * 4
         x[:, ::37] *= 50
         assert torch.equal(run(fast, layer, x), run(baseline, layer, x)), type(layer).__name__
+
+
+def attention_library(defines: tuple[str, ...] = ()) -> ctypes.CDLL:
+    from pagoda.layers import attention_cpu
+
+    lib = kernels.load("paged_attention", defines)
+    for name, argtypes in attention_cpu._ARGTYPES.items():
+        getattr(lib, name).argtypes = argtypes
+    lib.paged_attention_variant.restype = ctypes.c_char_p
+    return lib
+
+
+def test_attention_is_built_with_the_widest_vectors_its_target_allows() -> None:
+    variant = attention_library().paged_attention_variant().decode()
+    macros = compiler_macros()
+    assert variant == ("avx512" if "__AVX512F__" in macros else "avx2" if {"__AVX2__", "__FMA__"} <= macros
+                       else "scalar")
+    assert attention_library(("PAGODA_NO_AVX512",)).paged_attention_variant().decode() in ("avx2", "scalar")
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("heads, head_dim", [((9, 3), 64), ((8, 2), 128), ((4, 4), 80)], ids=["gqa3", "gqa4", "d80"])
+def test_avx512_attention_agrees_with_the_avx2_baseline(heads, head_dim, cache_dtype) -> None:
+    """Same scores, probabilities and weighted values up to the order of fp32 sums: 16-lane vectors and passes of up
+    to 4 query rows (a head dim that is not a multiple of 16 keeps the 8-lane loops)."""
+    from pagoda.layers.attention import Attention
+    from pagoda.layers.attention_cpu import CpuPagedBackend
+    from tests.harness import random_attention_step
+
+    if attention_library().paged_attention_variant().decode() != "avx512":
+        pytest.skip(f"this CPU has no AVX-512 (flags: {kernels.host_isa()}): only the AVX2 baseline exists here")
+    num_heads, num_kv_heads = heads
+    layer = Attention(0, num_heads, num_kv_heads, head_dim, head_dim ** -0.5)
+    requests = [(1, 1), (1, 40), (1, 300), (45, 45), (23, 84), (7, 7)]
+    q, k, v, cache, layout = random_attention_step(requests, num_heads, num_kv_heads, head_dim, seed=5)
+    outputs = []
+    for defines in ((), ("PAGODA_NO_AVX512",)):
+        backend = CpuPagedBackend()
+        backend.lib = attention_library(defines)
+        with torch.inference_mode():
+            metadata = backend.build_metadata(layout, {None})
+            outputs.append(backend.forward(layer, q, k, v, cache.clone().to(cache_dtype), metadata))
+    fast, baseline = outputs
+    assert not torch.equal(fast, baseline) or head_dim % 16  # another build, another summation order
+    assert (fast - baseline).abs().max().item() <= 2e-6

@@ -39,6 +39,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace pagoda_amx {
@@ -97,20 +98,23 @@ void block(const uint16_t* a, int64_t K, const uint16_t* w, int64_t t, int tiles
     const uint16_t* a0 = a + m0 * K;
     const uint16_t* a1 = a0 + TILE * K;
     const int64_t lda = K * 2;  // bytes
+    const bool two_rows = m0 + TILE < M;  // else the second row tile would be padding only: skip its products
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
     for (int64_t kb = 0; kb < kblocks; ++kb) {
         _tile_loadd(4, a0 + kb * KB, lda);
-        _tile_loadd(5, a1 + kb * KB, lda);
         _tile_loadd(6, b0 + kb * B_TILE, 64);
         _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(2, 5, 6);
         if (tiles == 2) {
             _tile_loadd(7, b1 + kb * B_TILE, 64);
             _tile_dpbf16ps(1, 4, 7);
-            _tile_dpbf16ps(3, 5, 7);
+        }
+        if (two_rows) {
+            _tile_loadd(5, a1 + kb * KB, lda);
+            _tile_dpbf16ps(2, 5, 6);
+            if (tiles == 2) _tile_dpbf16ps(3, 5, 7);
         }
     }
     alignas(64) float scratch[TILE * TILE];
@@ -157,6 +161,10 @@ void amx_bf16_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const ui
                      int64_t ldy, int threads) {
 #if PAGODA_AMX
     using namespace pagoda_amx;
+    if (!permitted()) {  // a caller that did not ask amx_bf16_available(): NaN, not SIGILL
+        for (int64_t r = 0; r < M; ++r) std::fill(y + r * ldy, y + r * ldy + N, std::numeric_limits<float>::quiet_NaN());
+        return;
+    }
     const int64_t padded = (M + MB - 1) / MB * MB;
     static thread_local std::vector<uint16_t> abuf;  // the caller's thread owns it; the team only reads it
     if (static_cast<int64_t>(abuf.size()) < padded * K) abuf.resize(padded * K);

@@ -26,4 +26,12 @@ inline __m256 load8(const uint16_t* p) {
 }
 #endif
 
+#if defined(__AVX512F__)
+// Sixteen consecutive bf16 values as fp32 lanes.
+inline __m512 load16(const uint16_t* p) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+#endif
+
 }  // namespace pagoda_bf16

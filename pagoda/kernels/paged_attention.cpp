@@ -1,4 +1,5 @@
-// Paged attention on the CPU: fp32 queries, fp32, fp16 or bf16 KV cache read in place through block tables.
+// Paged attention on the CPU: fp32 queries, fp32, fp16 or bf16 KV cache read in place through block tables
+// (AVX2 loops, or AVX-512 ones where the CPU has it; see PAGODA_AVX512).
 //
 // This file owns the native half of pagoda/layers/attention_cpu.py:
 //   paged_cache_write        copy the step's new k, v rows into their cache slots;
@@ -40,6 +41,14 @@
 #define PAGODA_AVX2 1
 #else
 #define PAGODA_AVX2 0
+#endif
+// AVX-512: the score, value and softmax loops on 16 lanes, up to 4 query rows per pass (the AVX2 ones: 8 lanes, 2
+// rows). Only the order of fp32 sums differs from the AVX2 baseline (tests/test_kernel_variants.py compares them);
+// PAGODA_NO_AVX512 builds the baseline on a CPU that has it.
+#if PAGODA_AVX2 && defined(__AVX512F__) && !defined(PAGODA_NO_AVX512)
+#define PAGODA_AVX512 1
+#else
+#define PAGODA_AVX512 0
 #endif
 
 #include "bf16.h"
@@ -224,11 +233,128 @@ void pv_block(const float* probs, const KV* const* vrows, i64 off, int n, i64 D,
 }
 #endif
 
+#if PAGODA_AVX512
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const _Float16* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline __m512 load16(const BF16* p) { return pagoda_bf16::load16(&p->bits); }
+
+// The two 8-lane halves of a summed: hsum4 of the results gives the 16-lane sums.
+inline __m256 fold(__m512 a) {
+    return _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+}
+
+// exp on 16 lanes: exp8's polynomial and steps, so each lane's value is exp8's. Lanes equal to -inf give 0.
+inline __m512 exp16(__m512 x) {
+    const __mmask16 is_neg_inf = _mm512_cmp_ps_mask(x, _mm512_set1_ps(NEG_INF), _CMP_EQ_OQ);
+    x = _mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f));
+    x = _mm512_max_ps(x, _mm512_set1_ps(-88.3762626647949f));
+    __m512 fx = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f));
+    fx = _mm512_roundscale_ps(fx, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+    const __m512 z = _mm512_mul_ps(x, x);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, z, x);
+    y = _mm512_add_ps(y, _mm512_set1_ps(1.0f));
+    __m512i n = _mm512_cvttps_epi32(fx);
+    n = _mm512_slli_epi32(_mm512_add_epi32(n, _mm512_set1_epi32(127)), 23);
+    y = _mm512_mul_ps(y, _mm512_castsi512_ps(n));
+    return _mm512_maskz_mov_ps(static_cast<__mmask16>(~is_neg_inf), y);
+}
+
+// qk_block on 16 lanes (D a multiple of 16): NR rows x 4 keys per pass.
+template <int NR, typename KV>
+void qk_block16(const float* const* qrows, const KV* const* krows, i64 off, int n, i64 D, float scale,
+                float* scores) {
+    const __m128 vscale = _mm_set1_ps(scale);
+    int j = 0;
+    for (; j + 4 <= n; j += 4) {
+        __m512 a[NR][4];
+        for (int r = 0; r < NR; ++r)
+            for (int u = 0; u < 4; ++u) a[r][u] = _mm512_setzero_ps();
+        for (i64 d = 0; d < D; d += 16) {
+            __m512 x[NR];
+            for (int r = 0; r < NR; ++r) x[r] = _mm512_loadu_ps(qrows[r] + d);
+            for (int u = 0; u < 4; ++u) {
+                const __m512 kv = load16(krows[j + u] + off + d);
+                for (int r = 0; r < NR; ++r) a[r][u] = _mm512_fmadd_ps(x[r], kv, a[r][u]);
+            }
+        }
+        for (int r = 0; r < NR; ++r)
+            _mm_storeu_ps(scores + r * KT + j,
+                          _mm_mul_ps(hsum4(fold(a[r][0]), fold(a[r][1]), fold(a[r][2]), fold(a[r][3])), vscale));
+    }
+    for (; j < n; ++j)
+        for (int r = 0; r < NR; ++r) {
+            __m512 acc = _mm512_setzero_ps();
+            for (i64 d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qrows[r] + d),
+                                                                  load16(krows[j] + off + d), acc);
+            scores[r * KT + j] = scale * hsum(fold(acc));
+        }
+}
+
+// pv_block on 16 lanes (D a multiple of 16): the NR rows' accumulators stay in registers, 64 floats of D at a time.
+template <int NR, typename KV>
+void pv_block16(const float* probs, const KV* const* vrows, i64 off, int n, i64 D, float* acc) {
+    i64 d = 0;
+    for (; d + 64 <= D; d += 64) {
+        __m512 a[NR][4];
+        for (int r = 0; r < NR; ++r)
+            for (int c = 0; c < 4; ++c) a[r][c] = _mm512_loadu_ps(acc + r * D + d + 16 * c);
+        for (int j = 0; j < n; ++j) {
+            const KV* v = vrows[j] + off + d;
+            __m512 vv[4];
+            for (int c = 0; c < 4; ++c) vv[c] = load16(v + 16 * c);
+            for (int r = 0; r < NR; ++r) {
+                const __m512 w = _mm512_set1_ps(probs[r * KT + j]);
+                for (int c = 0; c < 4; ++c) a[r][c] = _mm512_fmadd_ps(w, vv[c], a[r][c]);
+            }
+        }
+        for (int r = 0; r < NR; ++r)
+            for (int c = 0; c < 4; ++c) _mm512_storeu_ps(acc + r * D + d + 16 * c, a[r][c]);
+    }
+    for (; d < D; d += 16) {
+        __m512 a[NR];
+        for (int r = 0; r < NR; ++r) a[r] = _mm512_loadu_ps(acc + r * D + d);
+        for (int j = 0; j < n; ++j) {
+            const __m512 v = load16(vrows[j] + off + d);
+            for (int r = 0; r < NR; ++r) a[r] = _mm512_fmadd_ps(_mm512_set1_ps(probs[r * KT + j]), v, a[r]);
+        }
+        for (int r = 0; r < NR; ++r) _mm512_storeu_ps(acc + r * D + d, a[r]);
+    }
+}
+
+// Rows [0, R) in passes of 4, then one pass of the remaining 1-3 (a GQA group of 3 heads: one pass).
+template <typename Block>
+inline void by_row_blocks(i64 R, Block&& block) {
+    i64 r = 0;
+    for (; r + 4 <= R; r += 4) block(std::integral_constant<int, 4>{}, r);
+    if (R - r == 3) block(std::integral_constant<int, 3>{}, r);
+    if (R - r == 2) block(std::integral_constant<int, 2>{}, r);
+    if (R - r == 1) block(std::integral_constant<int, 1>{}, r);
+}
+#endif
+
 // scores[r][j] = scale * q_r . k_j for rows [0, R) and keys [0, n); key j's row starts at krows[j] + off.
 template <typename KV>
 void qk_scores(const float* const* qrows, i64 R, const KV* const* krows, i64 off, int n, i64 D, float scale,
                float* scores) {
     i64 r = 0;
+#if PAGODA_AVX512
+    if (D % 16 == 0) {
+        by_row_blocks(R, [&](auto nr, i64 r0) {
+            qk_block16<decltype(nr)::value>(qrows + r0, krows, off, n, D, scale, scores + r0 * KT);
+        });
+        return;
+    }
+#endif
 #if PAGODA_AVX2
     for (; r + 2 <= R; r += 2) qk_block<2>(qrows + r, krows, off, n, D, scale, scores + r * KT);
     if (r < R) qk_block<1>(qrows + r, krows, off, n, D, scale, scores + r * KT);
@@ -242,6 +368,14 @@ void qk_scores(const float* const* qrows, i64 R, const KV* const* krows, i64 off
 template <typename KV>
 void pv_accumulate(const float* probs, i64 R, const KV* const* vrows, i64 off, int n, i64 D, float* acc) {
     i64 r = 0;
+#if PAGODA_AVX512
+    if (D % 16 == 0) {
+        by_row_blocks(R, [&](auto nr, i64 r0) {
+            pv_block16<decltype(nr)::value>(probs + r0 * KT, vrows, off, n, D, acc + r0 * D);
+        });
+        return;
+    }
+#endif
 #if PAGODA_AVX2
     for (; r + 2 <= R; r += 2) pv_block<2>(probs + r * KT, vrows, off, n, D, acc + r * D);
     if (r < R) pv_block<1>(probs + r * KT, vrows, off, n, D, acc + r * D);
@@ -256,7 +390,11 @@ void pv_accumulate(const float* probs, i64 R, const KV* const* vrows, i64 off, i
 // is finite): rescales the row's acc and l to the new max, turns the scores into probabilities in place.
 inline void softmax_step(float* s, float& m, float& l, float* acc_row, i64 D) {
     float mx = NEG_INF;
-#if PAGODA_AVX2
+#if PAGODA_AVX512
+    static_assert(KT == 32, "two 16-lane vectors per score row");
+    const __m512 s0 = _mm512_loadu_ps(s), s1 = _mm512_loadu_ps(s + 16);
+    mx = _mm512_reduce_max_ps(_mm512_max_ps(s0, s1));
+#elif PAGODA_AVX2
     __m256 vmax = _mm256_loadu_ps(s);
     for (int j = 8; j < KT; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s + j));
     __m128 h = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
@@ -272,7 +410,13 @@ inline void softmax_step(float* s, float& m, float& l, float* acc_row, i64 D) {
         m = mx;
     }
     float sum = 0.0f;
-#if PAGODA_AVX2
+#if PAGODA_AVX512
+    const __m512 vm = _mm512_set1_ps(m);
+    const __m512 p0 = exp16(_mm512_sub_ps(s0, vm)), p1 = exp16(_mm512_sub_ps(s1, vm));
+    _mm512_storeu_ps(s, p0);
+    _mm512_storeu_ps(s + 16, p1);
+    sum = _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
+#elif PAGODA_AVX2
     const __m256 vm = _mm256_set1_ps(m);
     __m256 vsum = _mm256_setzero_ps();
     for (int j = 0; j < KT; j += 8) {
@@ -583,6 +727,9 @@ void with_kv_type(int64_t kv_dtype, F&& f) {
 }  // namespace
 
 extern "C" {
+
+// The vector width the attention loops were built with: "avx512", "avx2" or "scalar".
+const char* paged_attention_variant() { return PAGODA_AVX512 ? "avx512" : PAGODA_AVX2 ? "avx2" : "scalar"; }
 
 // k_cache[slots[t]] = k[t], v_cache[slots[t]] = v[t] for t in [0, T); a row is Hkv * D elements, contiguous in
 // k and v (fp32, token strides k_stride, v_stride) and in the caches (kv_dtype: 0 fp32, 1 fp16, 2 bf16).

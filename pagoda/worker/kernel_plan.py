@@ -49,7 +49,7 @@ from pagoda.model_store import store_root
 
 logger = logging.getLogger("pagoda")
 
-MIN_BUCKET = 16  # below this a call is memory-bound on every CPU seen: the kernel, unmeasured
+MIN_BUCKET = 8  # below this a call is memory-bound on every CPU seen: the kernel, unmeasured
 REPEATS = 3  # timed calls per candidate and bucket (the fastest counts), after one untimed warm-up call
 FORMAT_VERSION = 2  # of the cached JSON
 
