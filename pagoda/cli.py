@@ -300,6 +300,38 @@ def cmd_kernel_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _context(text: str) -> int:
+    from pagoda.planner import CONTEXT_PRESETS
+
+    if text in CONTEXT_PRESETS:
+        return CONTEXT_PRESETS[text]
+    try:
+        value = int(text.lower().removesuffix("k")) * (1024 if text.lower().endswith("k") else 1)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a token count (e.g. 32768 or 32k) nor one of "
+                                         f"{', '.join(CONTEXT_PRESETS)}")
+    return value
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from pagoda.planner import PlanError, format_plan, load_for_plan, plan
+
+    try:
+        config, stored, label = load_for_plan(args.model)
+        result = plan(config, model=label, weights=None if args.precision else stored,
+                      precision=args.precision or "bf16", kv_cache_dtype=args.kv_cache_dtype, context=args.context,
+                      concurrency=args.concurrency, tp=args.tensor_parallel_size,
+                      max_prefill_tokens=args.max_prefill_tokens, utilization=args.memory_utilization)
+    except PlanError as exc:
+        raise SystemExit(f"pagoda plan: {exc}") from None
+    print(json.dumps(result.to_json(), indent=1) if args.json else format_plan(result))
+    return 0
+
+
 def _version() -> str:
     from pagoda import __version__
 
@@ -368,6 +400,24 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(p)
     p.add_argument("--cached", action="store_true", help="print the cached plan when there is one")
     p.set_defaults(func=cmd_kernel_plan)
+    p = sub.add_parser("plan", help="memory needed by a model at a context and concurrency, and the devices (and TP "
+                                    "degree) that hold it; MODEL may be a config.json alone")
+    p.add_argument("model", help="registry name (pulled), GGUF file, Hugging Face directory, or config.json")
+    p.add_argument("--context", type=_context, default=8192,
+                   help="tokens per request: a number (32768, 32k) or chat (8k), docs (128k), agent (256k); "
+                        "default: 8192")
+    p.add_argument("--concurrency", type=int, default=1, help="requests at their full context at once (default: 1)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "fp8", "int8", "int4"], default=None,
+                   help="weights' precision (default: as stored in the model's files; bf16 for a config.json)")
+    p.add_argument("--kv-cache-dtype", choices=["float32", "float16", "bfloat16"], default="bfloat16",
+                   help="(default: bfloat16)")
+    p.add_argument("-tp", "--tensor-parallel-size", type=int, default=1, help="ranks to split over (default: 1)")
+    p.add_argument("--max-prefill-tokens", type=int, default=512, help="prompt tokens per step (default: 512)")
+    p.add_argument("--memory-utilization", type=float, default=0.9,
+                   help="fraction of a device's memory a plan may use (default: 0.9)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan)
+
     bench = sub.add_parser("bench", help="benchmarks: load on a server, or the offline engine's throughput")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     p = bench_sub.add_parser("serve", help="load-test any OpenAI-compatible server with streaming requests")

@@ -1,4 +1,4 @@
-"""The AMX bf16 GEMM (pagoda/kernels/amx_bf16.cpp) and the weight layout it reads. The kernel runs only on a CPU
+"""The AMX bf16 GEMM (pagoda/kernels/amx_bf16.h) and the weight layout it reads. The kernel runs only on a CPU
 with AMX-BF16 (skipped elsewhere, with the reason); the packing and the fallback to oneDNN are tested everywhere."""
 
 from __future__ import annotations

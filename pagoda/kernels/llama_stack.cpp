@@ -8,7 +8,7 @@
 // called from this thread between parallel regions) sums over the group before the residual add. A pipeline
 // stage runs its own layers; only the last one has a final norm. The linear layers are the quantized kernels of
 // quant_linear.cpp, or, for calls of as many rows as the kernel plan says, a bf16 GEMM: on AMX tiles here
-// (amx_bf16.cpp) where the CPU has them, else called back in torch (oneDNN); attention
+// (amx_bf16.h) where the CPU has them, else called back in torch (oneDNN); attention
 // is paged_attention.cpp (both included below, so one library holds the whole step). The semantics are the
 // torch modules' (models/llama.py, models/qwen3.py, layers/common.py): the tests compare the two paths.
 //

@@ -17,7 +17,9 @@ with "gguf-a8" (half a step of max|x_group| / 127, as llama.cpp does: the 4-bit 
 the instructions, so the q4 kernel runs ~1.5x faster, but greedy outputs drift from fp32's; BENCHMARKS.md). Large
 batches (prefill) are compute-bound: for int8 layers above 64 rows the weight is dequantized to fp32 for the
 call and torch's GEMM runs; the q4 kernels beat that at every size (BENCHMARKS.md), so they always run. Every
-path computes x @ dequantize(W)^T up to its rounding of x.
+path computes x @ dequantize(W)^T up to its rounding of x. On CPUs with bf16 units the kernel plan
+(worker/kernel_plan.py) may send large calls to a bf16 GEMM with fp32 output instead (`use_bf16`,
+`dense_bf16_gemm`): the AMX kernel of pagoda/kernels/amx_bf16.h where the CPU has AMX, else oneDNN.
 """
 
 from __future__ import annotations
@@ -208,7 +210,7 @@ def bf16_gemm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = 
 
 
 def amx_bf16_available() -> bool:
-    """Whether the AMX bf16 GEMM (pagoda/kernels/amx_bf16.cpp) runs here: the kernels were built for a CPU with
+    """Whether the AMX bf16 GEMM (pagoda/kernels/amx_bf16.h) runs here: the kernels were built for a CPU with
     AMX-BF16 and AVX512-BF16, and the OS grants the tile state."""
     global _amx
     if _amx is None:
@@ -219,7 +221,7 @@ def amx_bf16_available() -> bool:
 
 def pack_amx_bf16(weight: torch.Tensor) -> torch.Tensor:
     """W [N, K] (N % 16 == 0, K % 32 == 0) rounded to bf16 (to nearest even) in the AMX kernel's tile layout
-    [N/16, K/32, 16 k pairs, 16 columns, 2] (see amx_bf16.cpp)."""
+    [N/16, K/32, 16 k pairs, 16 columns, 2] (see amx_bf16.h)."""
     n, k = weight.shape
     return (weight.detach().to(torch.bfloat16).view(n // TILE, TILE, k // GROUP, TILE, 2)
             .permute(0, 2, 3, 1, 4).contiguous())

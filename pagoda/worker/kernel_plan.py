@@ -5,7 +5,7 @@ Candidates per layer shape (out x in features and weight format):
 - the compiled kernel (pagoda/kernels/quant_linear.cpp, built for this CPU): reads each packed weight byte once per
   call, so it wins while a call is bound by memory (decode: few rows);
 - a bf16 GEMM on the dequantized weight (layers/quantized.dense_bf16_gemm: bf16 products, fp32 sums and output):
-  on a CPU with AMX, pagoda/kernels/amx_bf16.cpp on a weight packed once in bf16; elsewhere torch's oneDNN on an
+  on a CPU with AMX, pagoda/kernels/amx_bf16.h on a weight packed once in bf16; elsewhere torch's oneDNN on an
   fp32 copy (AVX512-BF16 where the CPU has it; emulated, slowly, otherwise, and the measurement says so). It wins
   once a call is bound by arithmetic (prefill chunks, large decode batches) on CPUs with bf16 units.
 

@@ -162,11 +162,12 @@ void amx_bf16_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const ui
 #if PAGODA_AMX
     using namespace pagoda_amx;
     if (!permitted()) {  // a caller that did not ask amx_bf16_available(): NaN, not SIGILL
-        for (int64_t r = 0; r < M; ++r) std::fill(y + r * ldy, y + r * ldy + N, std::numeric_limits<float>::quiet_NaN());
+        for (int64_t r = 0; r < M; ++r)
+            std::fill(y + r * ldy, y + r * ldy + N, std::numeric_limits<float>::quiet_NaN());
         return;
     }
     const int64_t padded = (M + MB - 1) / MB * MB;
-    static thread_local std::vector<uint16_t> abuf;  // the caller's thread owns it; the team only reads it
+    static thread_local std::vector<uint16_t> abuf;  // x in bf16: the calling thread's, filled by its team
     if (static_cast<int64_t>(abuf.size()) < padded * K) abuf.resize(padded * K);
     uint16_t* a = abuf.data();
     std::memset(a + M * K, 0, (padded - M) * K * sizeof(uint16_t));
