@@ -14,7 +14,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
                    help=f"registry name or path to a GGUF file / HF directory (default: {DEFAULT_MODEL})")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16 or float16 (default: auto)")
-    p.add_argument("--kv-cache-memory", default="2GiB", help="memory for the KV cache, e.g. 2GiB (default: 2GiB)")
+    p.add_argument("--kv-cache-memory", default="auto",
+                   help="memory for the KV cache per rank, e.g. 2GiB; auto (default): what the host has left once "
+                        "the weights are loaded, times --memory-utilization, less the activations, at most "
+                        "--max-num-seqs requests of --max-model-len tokens")
+    p.add_argument("--memory-utilization", type=float, default=0.9,
+                   help="with --kv-cache-memory auto: the fraction of the memory left that the engine may take "
+                        "(default: 0.9)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once (default: 64)")
     p.add_argument("--max-prefill-tokens", type=int, default=512,
@@ -58,6 +64,7 @@ def _engine_config(args: argparse.Namespace):
     from pagoda.engine.llm_engine import EngineConfig
 
     return EngineConfig(model=args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
+                        memory_utilization=args.memory_utilization,
                         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                         max_prefill_tokens=args.max_prefill_tokens, attention_backend=args.attention_backend,
                         quantization=None if args.quantization == "none" else args.quantization,

@@ -42,6 +42,20 @@ class ModelConfig:
     hidden_act: str = "silu"
     sliding_window: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # architecture-specific fields, as in config.json
+    # the context the engine serves (its max_model_len), which the rotary tables cover and which picks the
+    # dynamic / longrope frequencies (layers/rope.py); None: context_length
+    served_context: int | None = None
+
+    @property
+    def context_length(self) -> int:
+        """The longest context the model's rotary reaches (max_position_embeddings, extended by rope scaling)."""
+        from pagoda.layers.rope import context_length
+
+        return context_length(self.max_position_embeddings, self.rope_scaling)
+
+    @property
+    def rotary_positions(self) -> int:
+        return self.served_context or self.context_length
 
     @property
     def architecture(self) -> str:
@@ -96,7 +110,8 @@ def parse_size(text: str | int) -> int:
         return text
     m = _SIZE.match(str(text))
     if not m:
-        raise ValueError(f"cannot read {text!r} as a memory size; write e.g. 2GiB, 512MiB or 1000000000")
+        raise ValueError(f"cannot read {text!r} as a memory size; write e.g. 2GiB, 512MiB or 1000000000 "
+                         "(or auto for the KV cache)")
     number, unit, binary = float(m.group(1)), m.group(2).lower(), m.group(3)
     base = 1024 if binary or unit == "" else 1000
     return int(number * base ** "_kmgt".index(unit or "_"))
@@ -105,13 +120,18 @@ def parse_size(text: str | int) -> int:
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16
-    kv_cache_memory: int = 2 * 1024**3  # bytes for the KV cache of all layers
+    # bytes for the KV cache of a rank's layers, or None: sized from the memory this host has left once the
+    # weights are loaded (worker/kv_cache.py: kv_cache_budget)
+    kv_cache_memory: int | None = 2 * 1024**3
     enable_prefix_caching: bool = True
     kv_cache_dtype: str = "auto"  # see worker/kv_cache.py: resolve_kv_cache_dtype
+    memory_utilization: float = 0.9  # with kv_cache_memory None: the fraction of that memory the engine may take
 
     def __post_init__(self) -> None:
-        if self.block_size < 1 or self.kv_cache_memory <= 0:
+        if self.block_size < 1 or (self.kv_cache_memory is not None and self.kv_cache_memory <= 0):
             raise ValueError(f"invalid cache configuration: {self}")
+        if not 0 < self.memory_utilization <= 1:
+            raise ValueError(f"memory_utilization must be in (0, 1], got {self.memory_utilization}")
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -125,7 +145,10 @@ class EngineConfig:
 
     model: str
     dtype: str = "auto"
-    kv_cache_memory: int | str = "2GiB"  # per rank
+    # per rank: a size ("2GiB", bytes) or "auto": what this host has left once the weights are loaded, times
+    # memory_utilization, less the activation reserve, capped at max_num_seqs requests of max_model_len tokens
+    kv_cache_memory: int | str = "auto"
+    memory_utilization: float = 0.9
     block_size: int = 16
     max_num_seqs: int = 64
     max_prefill_tokens: int = 512  # prompt tokens per step; decoding requests add one token each
@@ -152,6 +175,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         _ = self.parallel  # validates the sizes
+        _ = self.cache  # and the memory settings
         from pagoda.worker.kernel_plan import parse_mode
 
         parse_mode(self.kernel_plan)
@@ -163,6 +187,17 @@ class EngineConfig:
         except KeyError:
             raise ValueError(f"dtype {self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}") from None
 
+    def context_for(self, model: ModelConfig) -> int:
+        """max_model_len, or the model's context length; longer than the model reaches is refused."""
+        if self.max_model_len is None:
+            return model.context_length
+        if not 1 <= self.max_model_len <= model.context_length:
+            raise ValueError(f"max_model_len {self.max_model_len} is outside the model's context of "
+                             f"{model.context_length} tokens (max_position_embeddings {model.max_position_embeddings}"
+                             f"{', with its rope scaling' if model.rope_scaling else ''}); a longer context needs "
+                             "rope scaling (e.g. yarn) in the model's config.json")
+        return self.max_model_len
+
     @property
     def parallel(self) -> ParallelConfig:
         layers = tuple(self.pipeline_layers) if self.pipeline_layers is not None else None
@@ -170,5 +205,6 @@ class EngineConfig:
 
     @property
     def cache(self) -> CacheConfig:
-        return CacheConfig(self.block_size, parse_size(self.kv_cache_memory), self.enable_prefix_caching,
-                           self.kv_cache_dtype)
+        memory = None if self.kv_cache_memory == "auto" else parse_size(self.kv_cache_memory)
+        return CacheConfig(self.block_size, memory, self.enable_prefix_caching, self.kv_cache_dtype,
+                           self.memory_utilization)

@@ -39,7 +39,10 @@ class ExecutionPlan:
     weight_bytes: int  # this rank's parameters and buffers
     kv_cache_bytes: int  # this rank's share of the KV cache
     kv_cache_blocks: int
+    kv_cache_tokens: int
     kv_bytes_per_token: int  # this rank's
+    kv_cache_sizing: str  # "set" (a size was given) or how "auto" sized it
+    activation_reserve_bytes: int  # the largest step's activations by the planner's formula (planner.py)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -52,7 +55,8 @@ class ExecutionPlan:
         return (f"{parallel}; {self.device} {self.dtype}, weights {self.quantization or self.dtype} "
                 f"({self.weight_bytes / 2**20:.0f} MiB), KV cache {self.kv_cache_dtype} "
                 f"({self.kv_cache_blocks} blocks, {self.kv_cache_bytes / 2**30:.2f} GiB, "
-                f"{self.kv_bytes_per_token} B/token), attention {self.attention_backend} ({self.attention_reason}), "
+                f"{self.kv_cache_tokens} tokens, {self.kv_bytes_per_token} B/token, {self.kv_cache_sizing}), "
+                f"attention {self.attention_backend} ({self.attention_reason}), "
                 f"decoder stack {'native' if self.native_stack else 'torch'} ({self.native_stack_reason}), "
                 f"kernels for {self.kernel_isa or 'unknown ISA'} ({self.kernel_variant} dot products), "
                 f"kernel plan {self.kernel_plan}, "

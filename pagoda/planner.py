@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from pagoda.config import ModelConfig
@@ -60,14 +60,15 @@ class WeightBytes:
     lm_head: int
     norms: int
     source: str  # "config" or the file read
+    buffers: int = 0  # the rotary tables (every rank holds them)
     by_type: dict[str, int] = field(default_factory=dict)  # a file's bytes by stored type (GGUF block types)
 
     @property
     def total(self) -> int:
-        return self.linear + self.embedding + self.lm_head + self.norms
+        return self.linear + self.embedding + self.lm_head + self.norms + self.buffers
 
     def per_rank(self, tp: int) -> int:
-        return math.ceil((self.linear + self.embedding + self.lm_head) / tp) + self.norms
+        return math.ceil((self.linear + self.embedding + self.lm_head) / tp) + self.norms + self.buffers
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,7 @@ class Plan:
     overhead_bytes: int
     total_per_rank: int
     max_position_embeddings: int
+    context_length: int  # the longest context the model's rotary reaches (with its rope scaling)
     devices: tuple[DeviceFit, ...]
     notes: tuple[str, ...] = ()
 
@@ -123,25 +125,52 @@ def weight_bytes_from_config(config: ModelConfig, precision: str) -> WeightBytes
     linear = PRECISIONS[precision]
     embedding = PRECISIONS[EMBEDDING_PRECISION[precision]]
     return WeightBytes(linear=round(counts["linear"] * linear), embedding=round(counts["embedding"] * embedding),
-                       lm_head=round(counts["lm_head"] * embedding), norms=counts["norms"] * 4, source="config")
+                       lm_head=round(counts["lm_head"] * embedding), norms=counts["norms"] * 4,
+                       buffers=rotary_bytes(config), source="config")
 
 
-def weight_bytes_from_gguf(gguf) -> WeightBytes:
-    """A GGUF file's stored tensor bytes, by part and by block type."""
+# GGUF block types Pagoda computes on as stored (layers/quantized.py: Q4Linear, Int8Linear); other types are
+# dequantized to fp32 when the model loads
+NATIVE_GGUF_TYPES = ("Q4_1", "Q8_0")
+
+
+def rotary_bytes(config: ModelConfig, positions: int | None = None) -> int:
+    """The rotary cos/sin tables (fp32, positions x head_dim / 2 each; Gemma 3 has a local and a global one), held
+    by every rank; made for the context served (default: the model's context length)."""
+    tables = 2 if config.model_type == "gemma3_text" else 1
+    return tables * 2 * (positions or config.context_length) * (config.head_dim // 2) * 4
+
+
+def weight_bytes_from_gguf(gguf, config: ModelConfig) -> WeightBytes:
+    """A GGUF model's bytes as Pagoda holds them (default quantization "gguf"): Q4_1 and Q8_0 tensors as stored,
+    other matrices dequantized to fp32, norms in fp32, a tied embedding shared with its Q8_0 LM head; plus the
+    rotary tables. `by_type` lists the file's own bytes by block type."""
     parts = {"linear": 0, "embedding": 0, "lm_head": 0, "norms": 0}
     by_type: dict[str, int] = {}
+    tied = not any(t.name == "output.weight" for t in gguf.tensors())
     for t in gguf.tensors():
-        n = int(t.data.nbytes)
-        by_type[t.qtype.name] = by_type.get(t.qtype.name, 0) + n
+        stored, qtype = int(t.data.nbytes), t.qtype.name
+        by_type[qtype] = by_type.get(qtype, 0) + stored
+        held = stored if qtype in NATIVE_GGUF_TYPES or qtype == "F32" else 4 * math.prod(t.shape)
         if t.name == "token_embd.weight":
-            parts["embedding"] += n
+            fp32 = 4 * math.prod(t.shape)
+            if not tied:
+                parts["embedding"] += fp32  # lookups read an fp32 table
+            elif qtype == "Q8_0":
+                parts["lm_head"] += stored  # the head keeps the Q8_0 blocks; lookups share them
+            elif qtype in NATIVE_GGUF_TYPES:
+                parts["lm_head"] += stored  # a Q4_1 head, beside an fp32 table for lookups
+                parts["embedding"] += fp32
+            else:
+                parts["embedding"] += fp32  # one fp32 table, the head tied to it
         elif t.name == "output.weight":
-            parts["lm_head"] += n
+            parts["lm_head"] += held
         elif len(t.shape) == 1:
-            parts["norms"] += n
+            parts["norms"] += held
         else:
-            parts["linear"] += n
-    return WeightBytes(**parts, source=str(gguf.path), by_type=by_type)
+            parts["linear"] += held
+    return WeightBytes(**parts, buffers=rotary_bytes(config), source=f"{gguf.path} (as Pagoda holds it)",
+                       by_type=by_type)
 
 
 def weight_bytes_from_safetensors(directory: Path) -> WeightBytes:
@@ -240,6 +269,7 @@ def plan(config: ModelConfig, *, model: str = "", weights: WeightBytes | None = 
         raise PlanError(f"{config.num_attention_heads} attention heads do not split over {tp} ranks")
     seqs = max_num_seqs or concurrency
     weights = weights or weight_bytes_from_config(config, precision)
+    weights = replace(weights, buffers=rotary_bytes(config, context))  # the tables cover the context planned
     element = KV_ELEMENT_BYTES[kv_cache_dtype]
 
     def per_rank(degree: int) -> tuple[int, int, int, int, int]:
@@ -256,9 +286,9 @@ def plan(config: ModelConfig, *, model: str = "", weights: WeightBytes | None = 
     local = local_memory_bytes()
     devices.append(DeviceFit("this machine (RAM available)", local, *fits({1: degrees[1]}, local, utilization)))
     notes = []
-    if context > config.max_position_embeddings:
-        notes.append(f"the context {context} exceeds the model's max_position_embeddings "
-                     f"{config.max_position_embeddings} (it needs rope scaling)")
+    if context > config.context_length:
+        notes.append(f"the context {context} exceeds the model's {config.context_length} tokens (max_position_"
+                     f"embeddings {config.max_position_embeddings}; a longer context needs rope scaling such as yarn)")
     if capped < kv:
         notes.append("sliding-window layers need at most their window: the KV cache could be "
                      f"{capped / 2 ** 30:.2f} GiB instead of {kv / 2 ** 30:.2f} GiB where out-of-window blocks are "
@@ -269,6 +299,7 @@ def plan(config: ModelConfig, *, model: str = "", weights: WeightBytes | None = 
                 weights=weights, weights_per_rank=weights.per_rank(tp), kv_bytes_per_token=token, kv_bytes=kv,
                 kv_window_capped_bytes=capped, activation_bytes=act, overhead_bytes=RUNTIME_OVERHEAD,
                 total_per_rank=total, max_position_embeddings=config.max_position_embeddings,
+                context_length=config.context_length,
                 devices=tuple(devices), notes=tuple(notes))
 
 
@@ -282,7 +313,8 @@ def format_plan(p: Plan) -> str:
              f"  context {p.context} tokens x {p.concurrency} concurrent requests, KV cache {p.kv_cache_dtype}, "
              f"tensor parallel {p.tp}",
              f"  weights      {_size(w.total):>12} in all ({_size(p.weights_per_rank)} per rank): linear "
-             f"{_size(w.linear)}, embedding {_size(w.embedding)}, LM head {_size(w.lm_head)}, norms {_size(w.norms)}"]
+             f"{_size(w.linear)}, embedding {_size(w.embedding)}, LM head {_size(w.lm_head)}, norms {_size(w.norms)}, "
+             f"rotary tables {_size(w.buffers)}"]
     if w.by_type:
         types = ", ".join(f"{k} {_size(v)}" for k, v in sorted(w.by_type.items()))
         lines.append(f"               by stored type: {types}")
@@ -319,7 +351,8 @@ def load_for_plan(name_or_path: str) -> tuple[ModelConfig, WeightBytes | None, s
         from pagoda.loader.gguf_loader import config_from_gguf
 
         gguf = GGUFFile(path)
-        return config_from_gguf(gguf), weight_bytes_from_gguf(gguf), name_or_path
+        config = config_from_gguf(gguf)
+        return config, weight_bytes_from_gguf(gguf, config), name_or_path
     from pagoda.loader.hf_loader import read_config
 
     has_weights = any(path.glob("*.safetensors"))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pagoda import kernels
-from pagoda.layers.quantized import Int8Linear, Q4Linear, amx_bf16_available
+from pagoda.layers.quantized import Int8Linear, Q4Linear, packed_bf16_kinds
 from pagoda.worker import kernel_plan
 from pagoda.worker.kernel_plan import KernelPlan, ShapeChoice, parse_mode
 from tests.harness import random_q4 as random_q4_values
@@ -35,10 +35,10 @@ def test_bf16_path_computes_the_dequantized_weights_from_its_threshold(index) ->
     plain_bytes = layer.nbytes
 
     layer.use_bf16(4)
-    fits_amx = amx_bf16_available() and layer.out_features % 16 == 0
+    packed = bool(packed_bf16_kinds()) and layer.out_features % 16 == 0
     # the AMX kernel's packed bf16 copy where it runs and the shape fits it, else fp32 for oneDNN
     assert layer.dense_weight is not None
-    assert layer.dense_weight.dtype == (torch.bfloat16 if fits_amx else torch.float32)
+    assert layer.dense_weight.dtype == (torch.bfloat16 if packed else torch.float32)
     assert layer.nbytes == plain_bytes + layer.dense_weight.nbytes
     assert torch.equal(layer(small), before_small)  # below the threshold: the same path as before, bit for bit
     y = layer(large)
@@ -176,18 +176,18 @@ def test_real_measurement_times_both_paths(monkeypatch, tmp_path) -> None:
     assert layer.dense_weight is None  # measuring leaves the layer as it was
 
 
-@pytest.mark.parametrize("bf16_path", ["amx", "onednn"])
+@pytest.mark.parametrize("bf16_path", ["packed", "onednn"])
 def test_engine_plan_and_native_stack_follow_the_kernel_plan(smollm_gguf, monkeypatch, bf16_path) -> None:
-    """The native stack runs the plan's bf16 calls on AMX tiles in the stack (where the CPU has them) or calls
-    back into torch (oneDNN) for them: forced here on an AMX machine by pretending it has none."""
+    """The native stack runs the plan's bf16 calls by a packed kernel in the stack (AMX or AVX512-BF16, where the
+    CPU has them) or calls back into torch (oneDNN) for them: forced here by pretending it has neither."""
     from pagoda import LLM, SamplingParams
     from pagoda.layers import quantized
     from pagoda.models import native_stack
 
-    if bf16_path == "amx" and not amx_bf16_available():
-        pytest.skip(f"no AMX bf16 on this CPU ({kernels.host_isa() or 'unknown ISA'})")
+    if bf16_path == "packed" and not packed_bf16_kinds():
+        pytest.skip(f"no AMX or AVX512-BF16 on this CPU ({kernels.host_isa() or 'unknown ISA'})")
     if bf16_path == "onednn":
-        monkeypatch.setattr(quantized, "_amx", False)
+        monkeypatch.setattr(quantized, "_packed_kinds", 0)
     calls = []
     run_dense = native_stack.NativeStack._run_dense
     monkeypatch.setattr(native_stack.NativeStack, "_run_dense",
@@ -199,14 +199,14 @@ def test_engine_plan_and_native_stack_follow_the_kernel_plan(smollm_gguf, monkey
     assert stack.max_tokens is None  # the stack serves every step, its GEMMs dense from 32 rows on
     structs = [s for layer in stack._layers for s in (layer.qkv, layer.o, layer.gate_up, layer.down)]
     assert {s.dense_from for s in structs} == {32}
-    assert all(bool(s.dense) == (bf16_path == "amx") for s in structs)  # a packed weight runs in the stack
+    assert all(bool(s.dense) == (bf16_path == "packed") for s in structs)  # a packed weight runs in the stack
     kernel = LLM(str(smollm_gguf), kernel_plan="kernel", kv_cache_memory="64MiB", progress=False)
     kernel_stack = kernel.engine.runner.native_stack
     assert {layer.qkv.dense_from for layer in kernel_stack._layers} == {0}
     prompt = "Write a short story about a lighthouse keeper who finds a message in a bottle. " * 3
     params = SamplingParams(temperature=0, max_tokens=8, logprobs=0)
     a = llm.generate([prompt], params)[0].outputs[0]
-    if bf16_path == "amx":
+    if bf16_path == "packed":
         assert not calls
     else:
         assert calls and min(calls) >= 32 and len(calls) % 120 == 0  # the prefill's 4 x 30 layers, not the decode

@@ -23,6 +23,13 @@ def _configs():
         "llama3-rope-tied": transformers.LlamaConfig(**common, tie_word_embeddings=True, rope_parameters={
             "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+        # YaRN over the whole context (a short original context, so the blend of frequencies is exercised)
+        "qwen3-yarn": transformers.Qwen3Config(**common, head_dim=32, tie_word_embeddings=True, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 128}),
+        # LongRoPE inside its original context: the short factors and the attention factor of `factor`
+        "llama-longrope": transformers.LlamaConfig(**common, tie_word_embeddings=False, rope_parameters={
+            "rope_type": "longrope", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 512,
+            "short_factor": [1.0 + 0.1 * i for i in range(8)], "long_factor": [2.0 + i for i in range(8)]}),
         "qwen2": transformers.Qwen2Config(**common, tie_word_embeddings=False),
         "qwen3": transformers.Qwen3Config(**common, head_dim=32, tie_word_embeddings=True),
         "mistral-sliding": transformers.MistralConfig(**common, sliding_window=20, tie_word_embeddings=False),

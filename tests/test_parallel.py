@@ -115,6 +115,21 @@ def test_kv_heads_replicated_over_four_ranks(tmp_path, monkeypatch):
         assert max(abs(a - b) for a, b in zip(ours, reference)) < 1e-4
 
 
+def test_ranks_agree_on_an_automatic_cache_size(tmp_path):
+    """--kv-cache-memory auto on two pipeline stages of unequal layers: both ranks measure after the barrier, share
+    the host, and hold the same blocks (the scheduler's one block table serves both)."""
+    directory = save_tiny_model(tmp_path, CONFIGS["qwen3"])
+    with LLM(str(directory), dtype="float32", quantization=None, kv_cache_dtype="float32", max_model_len=256,
+             max_num_seqs=4, pipeline_parallel_size=2, pipeline_layers=(1, 3), threads_per_rank=1,
+             progress=False) as llm:
+        plans = llm.engine.plans
+        assert len({p.kv_cache_blocks for p in plans}) == 1 and plans[0].kv_cache_tokens == 4 * 256
+        assert all("/ 2 ranks" in p.kv_cache_sizing for p in plans)
+        assert plans[1].kv_cache_bytes == 3 * plans[0].kv_cache_bytes  # 3 layers against 1
+        out = llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(temperature=0, max_tokens=4))
+        assert len(out[0].outputs[0].token_ids) == 4
+
+
 # ---- the layout arithmetic ---------------------------------------------------------------------------------------
 
 def test_splits_are_balanced_and_aligned():

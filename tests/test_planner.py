@@ -99,16 +99,33 @@ def test_kv_bytes_per_token_are_the_engines(smollm_gguf, kv_dtype, torch_dtype) 
     assert p.kv_bytes == kv_bytes_per_token(config, torch_dtype) * 2048 * 3
 
 
-def test_a_gguf_file_is_planned_from_its_stored_bytes(smollm_gguf) -> None:
+def test_a_gguf_file_is_planned_from_its_tensors(smollm_gguf) -> None:
     from pagoda.loader.gguf_file import GGUFFile
 
-    config, stored, _ = load_for_plan(str(smollm_gguf))
+    config, held, _ = load_for_plan(str(smollm_gguf))
     gguf = GGUFFile(smollm_gguf)
-    assert stored.total == sum(t.data.nbytes for t in gguf.tensors())
-    assert stored.total < smollm_gguf.stat().st_size < stored.total + 8 * 2 ** 20  # the rest: metadata, vocab
-    assert {"Q4_1", "F32"} <= set(stored.by_type)
-    p = plan(config, weights=stored)
-    assert p.precision == "as stored" and p.weights.source == str(smollm_gguf)
+    assert sum(held.by_type.values()) == sum(t.data.nbytes for t in gguf.tensors())
+    assert sum(held.by_type.values()) < smollm_gguf.stat().st_size < sum(held.by_type.values()) + 8 * 2 ** 20
+    assert {"Q4_1", "Q8_0", "F32"} <= set(held.by_type)
+    # Q4_1 and Q8_0 are held as stored (the file's only types here), plus the rotary tables
+    assert held.total == sum(held.by_type.values()) + held.buffers
+    p = plan(config, weights=held)
+    assert p.precision == "as stored" and p.weights.source.startswith(str(smollm_gguf))
+
+
+@pytest.mark.parametrize("fixture", ["smollm_gguf", "gemma_gguf"])
+def test_the_plan_matches_the_engines_memory(fixture, request) -> None:
+    """The registry models' weights and KV cache as the loaded engine reports them (its execution plan): within
+    5% (Gemma's Q4_K/Q6_K/Q5_0 matrices are dequantized to fp32 at load, which the plan counts)."""
+    from pagoda.entrypoints.llm import LLM
+
+    path = request.getfixturevalue(fixture)
+    config, held, _ = load_for_plan(str(path))
+    with LLM(str(path), kv_cache_memory="64MiB", max_model_len=1024, progress=False) as llm:
+        engine = llm.engine.plan
+    p = plan(config, weights=held, kv_cache_dtype=engine.kv_cache_dtype, context=1024)
+    assert abs(p.weights_per_rank - engine.weight_bytes) <= 0.05 * engine.weight_bytes
+    assert p.kv_bytes_per_token == engine.kv_bytes_per_token
 
 
 def test_sliding_window_layers_are_capped_in_the_lower_bound() -> None:

@@ -143,6 +143,25 @@ def test_decodes_do_not_shrink_the_prompt_budget():
     assert sizes == {**{f"d{i}": 1 for i in range(7)}, "prompt": 16}, "7 decodes and a whole 16-token chunk"
 
 
+def test_a_long_prefill_leaves_room_for_a_new_request():
+    """While a request waits, a running prompt takes at most half of the budget, so the newcomer starts at once
+    (its TTFT does not wait for the whole long prefill); with nobody waiting the long prompt takes it all."""
+    sched = make_scheduler(num_blocks=64, budget=16, max_model_len=256)
+    sched.add_request(make_request("long", 200, 2))
+    out = sched.schedule()
+    assert {s.request_id: s.num_tokens for s in out.requests} == {"long": 16}
+    sched.update_from_output(out, run_fake_model(out))
+    sched.add_request(make_request("short", 5, 2))
+    out = sched.schedule()
+    assert {s.request_id: s.num_tokens for s in out.requests} == {"long": 8, "short": 5}
+    sched.update_from_output(out, run_fake_model(out))
+    out = sched.schedule()
+    assert {s.request_id: s.num_tokens for s in out.requests} == {"long": 16, "short": 1}
+    finished, _ = run_to_completion(sched)
+    assert set(finished) == {"long", "short"}
+    assert sched.requests == {} and sched.kv_cache.pool.num_free_blocks == sched.kv_cache.num_blocks
+
+
 def test_max_num_seqs_limits_running():
     sched = make_scheduler(max_num_seqs=2, budget=100)
     for i in range(5):

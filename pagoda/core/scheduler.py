@@ -2,11 +2,12 @@
 
 Every running request that is decoding (one token to compute) runs each step. Prompt tokens share a budget of
 max_prefill_tokens per step: running requests in admission order close as much of their gap (num_tokens -
-num_computed_tokens) as the budget allows, then waiting requests are admitted first-come-first-served. This gives
-chunked prefill and mixed prefill/decode batches, and a prompt rate that does not depend on how many requests are
-decoding (when decode tokens came out of the same budget, a full batch of decodes left less than one prompt per
-step, and prompts arriving as fast as requests finished queued up for seconds). When the KV cache runs out, the
-most recently admitted running request is preempted: its blocks are freed and it goes back to the front of
+num_computed_tokens) as the budget allows (each at most half of it while requests wait, so a long prompt's chunked
+prefill does not hold new requests back until it ends), then waiting requests are admitted first-come-first-served.
+This gives chunked prefill and mixed prefill/decode batches, and a prompt rate that does not depend on how many
+requests are decoding (when decode tokens came out of the same budget, a full batch of decodes left less than one
+prompt per step, and prompts arriving as fast as requests finished queued up for seconds). When the KV cache runs
+out, the most recently admitted running request is preempted: its blocks are freed and it goes back to the front of
 the queue, to recompute its history later (same tokens, so the same output). No torch here.
 """
 
@@ -28,10 +29,19 @@ class SchedulerConfig:
     # max_prefill_tokens + max_num_seqs tokens: this bounds the step time, hence decode latency.
     max_prefill_tokens: int = 512
     max_model_len: int = 8192
+    # While requests wait for admission, a running request's prompt chunk takes at most this many tokens (default:
+    # half of max_prefill_tokens), so new requests start beside a long prefill instead of after it.
+    shared_prefill_chunk: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_prefill_tokens < 1 or self.max_model_len < 2:
             raise ValueError(f"invalid scheduler limits: {self}")
+        if self.shared_prefill_chunk is not None and self.shared_prefill_chunk < 1:
+            raise ValueError(f"shared_prefill_chunk must be at least 1, got {self.shared_prefill_chunk}")
+
+    @property
+    def prefill_chunk_while_waiting(self) -> int:
+        return self.shared_prefill_chunk or max(1, self.max_prefill_tokens // 2)
 
 
 class Scheduler:
@@ -101,11 +111,14 @@ class Scheduler:
         scheduled: list[tuple[Request, int]] = []
         preempted: list[Request] = []
 
+        # Fairness: with requests waiting that could be admitted, no running prompt takes the whole budget.
+        admissible = bool(self.waiting) and len(self.running) < self.config.max_num_seqs
+        chunk = self.config.prefill_chunk_while_waiting if admissible else prompt_budget
         index = 0
         while index < len(self.running) and len(scheduled) < limit:
             request = self.running[index]
             gap = request.num_tokens - request.num_computed_tokens
-            num_new = 1 if gap == 1 else min(gap, prompt_budget)  # decodes never wait for the prompt budget
+            num_new = 1 if gap == 1 else min(gap, prompt_budget, chunk)  # decodes never wait for the prompt budget
             if num_new == 0 or request.request_id in busy:
                 index += 1
                 continue

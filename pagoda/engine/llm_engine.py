@@ -82,7 +82,7 @@ class LLMEngine:
         self.tokenizer = loaded.tokenizer
         self.kv_layout = loaded.kv_layout
         self.plan = loaded.plan
-        context = config.max_model_len or loaded.config.max_position_embeddings
+        context = config.context_for(loaded.config)
         self.max_model_len = min(context, loaded.kv_layout.num_tokens)
         if self.max_model_len < context:
             logger.warning("max_model_len lowered from %d to %d: the KV cache holds only %d tokens",
@@ -93,11 +93,14 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self.num_steps_total = 0
         self.last_step_num_tokens = 0
+        self.max_concurrency = loaded.kv_layout.max_concurrency(self.max_model_len)  # requests of max_model_len
         logger.info(
-            "KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB per rank, %s); max concurrency at %d tokens: %.1f",
+            "memory per rank: weights %.2f GiB, KV cache %.2f GiB (%s: %d blocks of %d tokens = %d tokens, %d "
+            "B/token, %s), activations up to %.2f GiB; max concurrency at %d tokens: %.1f",
+            self.plan.weight_bytes / 1024**3, loaded.kv_layout.num_bytes / 1024**3, self.plan.kv_cache_dtype,
             loaded.kv_layout.num_blocks, config.block_size, loaded.kv_layout.num_tokens,
-            loaded.kv_layout.num_bytes / 1024**3, str(loaded.kv_caches[0].dtype).removeprefix("torch."),
-            self.max_model_len, loaded.kv_layout.max_concurrency(self.max_model_len))
+            loaded.kv_layout.bytes_per_token, self.plan.kv_cache_sizing, self.plan.activation_reserve_bytes / 1024**3,
+            self.max_model_len, self.max_concurrency)
         logger.info("model %s (%s) ready in %.1f s", path.name, loaded.config.model_type, time.monotonic() - start)
 
     # ---- requests -----------------------------------------------------------------------------------------

@@ -15,20 +15,21 @@ Conversation = list[dict[str, Any]]
 
 
 class LLM:
-    def __init__(self, model: str | None = None, *, dtype: str = "auto", kv_cache_memory: int | str = "2GiB",
-                 max_num_seqs: int = 64, max_model_len: int | None = None, max_prefill_tokens: int = 512,
-                 block_size: int = 16, enable_prefix_caching: bool = True, device: str = "cpu",
-                 attention_backend: str = "auto", quantization: str | None = "auto", kv_cache_dtype: str = "auto",
-                 kernel_plan: str = "kernel", tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
-                 pipeline_layers: Sequence[int] | None = None, threads_per_rank: int | None = None,
-                 distributed_timeout: float = 60.0, progress: bool = True):
+    def __init__(self, model: str | None = None, *, dtype: str = "auto", kv_cache_memory: int | str = "auto",
+                 memory_utilization: float = 0.9, max_num_seqs: int = 64, max_model_len: int | None = None,
+                 max_prefill_tokens: int = 512, block_size: int = 16, enable_prefix_caching: bool = True,
+                 device: str = "cpu", attention_backend: str = "auto", quantization: str | None = "auto",
+                 kv_cache_dtype: str = "auto", kernel_plan: str = "kernel", tensor_parallel_size: int = 1,
+                 pipeline_parallel_size: int = 1, pipeline_layers: Sequence[int] | None = None,
+                 threads_per_rank: int | None = None, distributed_timeout: float = 60.0, progress: bool = True):
         """With tensor_parallel_size x pipeline_parallel_size > 1 the engine spawns its worker ranks (processes);
         call `shutdown()` (or use the LLM as a context manager) to stop them."""
         from pagoda.model_store import DEFAULT_MODEL
 
         self.engine = LLMEngine(EngineConfig(
-            model=model or DEFAULT_MODEL, dtype=dtype, kv_cache_memory=kv_cache_memory, block_size=block_size,
-            max_num_seqs=max_num_seqs, max_prefill_tokens=max_prefill_tokens, max_model_len=max_model_len,
+            model=model or DEFAULT_MODEL, dtype=dtype, kv_cache_memory=kv_cache_memory,
+            memory_utilization=memory_utilization, block_size=block_size, max_num_seqs=max_num_seqs,
+            max_prefill_tokens=max_prefill_tokens, max_model_len=max_model_len,
             enable_prefix_caching=enable_prefix_caching, device=device, attention_backend=attention_backend,
             quantization=quantization, kv_cache_dtype=kv_cache_dtype, kernel_plan=kernel_plan,
             tensor_parallel_size=tensor_parallel_size,

@@ -7,8 +7,8 @@
 // of the MLP): the o and down projections give partial sums, which the all_reduce callback (torch.distributed,
 // called from this thread between parallel regions) sums over the group before the residual add. A pipeline
 // stage runs its own layers; only the last one has a final norm. The linear layers are the quantized kernels of
-// quant_linear.cpp, or, for calls of as many rows as the kernel plan says, a bf16 GEMM: on AMX tiles here
-// (amx_bf16.h) where the CPU has them, else called back in torch (oneDNN); attention
+// quant_linear.cpp, or, for calls of as many rows as the kernel plan says, a bf16 GEMM: AMX tiles or
+// AVX512-BF16 here (bf16_gemm.h) where the CPU has them, else called back in torch (oneDNN); attention
 // is paged_attention.cpp (both included below, so one library holds the whole step). The semantics are the
 // torch modules' (models/llama.py, models/qwen3.py, layers/common.py): the tests compare the two paths.
 //
@@ -33,7 +33,7 @@ struct QLinear {
     const uint16_t* d;  // scales; null for bf16
     const uint16_t* m;  // q4 offsets; null for int8 and bf16
     int64_t dense_from;  // calls of at least this many rows take the dense bf16 path (0: never; the kernel plan):
-    const uint16_t* dense;  // the weight packed for amx_bf16_linear, or null: Stack::dense_gemm (torch) runs them
+    const uint16_t* dense;  // the weight packed for bf16_packed_linear, or null: Stack::dense_gemm (torch) runs them
     int64_t id;             // the layer's index for dense_gemm
 };
 
@@ -56,8 +56,8 @@ struct Stack {
     const float* final_norm;  // null: not the last pipeline stage (out = h)
     const Layer* layers;
     void (*all_reduce)(float* data, int64_t n);  // null: one rank
-    // y[M, n] = x[M, k] @ W^T of layer `id` on its dequantized weight (a bf16 GEMM through torch/oneDNN: AMX where
-    // the CPU has it), called from this thread between parallel regions; null: the kernels only.
+    // y[M, n] = x[M, k] @ W^T of layer `id` on its dequantized weight (a bf16 GEMM through torch/oneDNN on an
+    // fp32 copy, where no packed kernel runs), called from this thread between parallel regions; null: the kernels only.
     void (*dense_gemm)(int64_t id, const float* x, int64_t M, float* y);
 };
 
@@ -74,7 +74,7 @@ struct Batch {
 
 void linear(const Stack& S, const QLinear& w, const float* x, int64_t M, float* y, int threads) {
     if (w.dense_from > 0 && M >= w.dense_from && w.dense != nullptr)
-        amx_bf16_linear(x, M, w.k, w.k, w.dense, w.n, y, w.n, threads);
+        bf16_packed_linear(0, x, M, w.k, w.k, w.dense, w.n, y, w.n, threads);
     else if (S.dense_gemm != nullptr && w.dense_from > 0 && M >= w.dense_from)
         S.dense_gemm(w.id, x, M, y);
     else if (w.kind == INT8)

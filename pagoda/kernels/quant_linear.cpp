@@ -32,7 +32,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "amx_bf16.h"  // the bf16 GEMM on AMX tiles (the kernel plan's bf16 path where the CPU has them)
+#include "bf16_gemm.h"  // the bf16 GEMM on AMX tiles (the kernel plan's bf16 path where the CPU has them)
 #include "bf16.h"
 #include "kernel_abi.h"
 

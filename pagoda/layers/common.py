@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pagoda.layers.rope import rope_frequencies
 
 
 class RMSNorm(nn.Module):
@@ -25,37 +26,21 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), weight, self.eps).to(dtype)
 
 
-def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
-    factor = scaling["factor"]
-    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
-    old_len = scaling["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
-    smooth = (old_len / wavelen - low) / (high - low)
-    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-    mid = (1 - smooth) * scaled / factor + smooth * scaled
-    is_mid = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-    return torch.where(is_mid, mid, scaled)
-
-
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding in the rotate-half (NeoX) layout, from a cos/sin table made once."""
+    """Rotary position embedding in the rotate-half (NeoX) layout, from a cos/sin table made once for `positions`
+    positions (the context served); `scaling` is a config's rope_scaling (layers/rope.py), resolved against the
+    model's max_position_embeddings (default: `positions`)."""
 
-    def __init__(self, head_dim: int, max_positions: int, base: float, scaling: dict[str, Any] | None = None,
-                 freq_factors: torch.Tensor | None = None):
+    def __init__(self, head_dim: int, positions: int, base: float, scaling: dict[str, Any] | None = None,
+                 freq_factors: torch.Tensor | None = None, max_position_embeddings: int | None = None):
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-        kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
-        if kind == "llama3":
-            inv_freq = _llama3_inv_freq(inv_freq, scaling)
-        elif kind == "linear":
-            inv_freq = inv_freq / scaling["factor"]
-        elif kind not in (None, "default"):
-            raise ValueError(f"rope scaling {kind!r} is not supported (supported: default, linear, llama3)")
+        inv_freq, attention_factor = rope_frequencies(head_dim, base, scaling, max_position_embeddings or positions,
+                                                      positions)
         if freq_factors is not None:  # GGUF stores llama3 scaling as per-frequency divisors
             inv_freq = inv_freq / freq_factors.double()
-        angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
-        self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        angles = torch.outer(torch.arange(positions, dtype=torch.float64), inv_freq)
+        self.register_buffer("cos", (angles.cos() * attention_factor).float(), persistent=False)
+        self.register_buffer("sin", (angles.sin() * attention_factor).float(), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, H, D], k: [T, Hkv, D]; positions: [T]."""

@@ -19,7 +19,8 @@ batches (prefill) are compute-bound: for int8 layers above 64 rows the weight is
 call and torch's GEMM runs; the q4 kernels beat that at every size (BENCHMARKS.md), so they always run. Every
 path computes x @ dequantize(W)^T up to its rounding of x. On CPUs with bf16 units the kernel plan
 (worker/kernel_plan.py) may send large calls to a bf16 GEMM with fp32 output instead (`use_bf16`,
-`dense_bf16_gemm`): the AMX kernel of pagoda/kernels/amx_bf16.h where the CPU has AMX, else oneDNN.
+`dense_bf16_gemm`): the kernels of pagoda/kernels/bf16_gemm.h on a weight packed once in bf16 where the CPU
+has AMX or AVX512-BF16, else oneDNN on an fp32 copy.
 """
 
 from __future__ import annotations
@@ -149,7 +150,8 @@ def q4_1_codes(blocks: np.ndarray, n: int, k: int) -> tuple[torch.Tensor, torch.
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _library: ctypes.CDLL | bool | None = None  # None: not loaded yet; False: cannot be built (torch path)
-_amx: bool | None = None  # amx_bf16_available's answer, once asked
+_packed_kinds: int | None = None  # bf16_packed_kinds' answer (bit flags), once asked
+PACKED_AVX512BF16, PACKED_AMX = 1, 2  # the kinds of bf16_gemm.h
 
 
 _SIGNATURES = {
@@ -158,7 +160,7 @@ _SIGNATURES = {
     "q4_linear": [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _P, _I64, ctypes.c_int],
     "q4a16_linear": [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _P, _I64, ctypes.c_int],
     "bf16_linear": [_P, _I64, _I64, _I64, _P, _I64, _P, _I64, ctypes.c_int],
-    "amx_bf16_linear": [_P, _I64, _I64, _I64, _P, _I64, _P, _I64, ctypes.c_int],
+    "bf16_packed_linear": [ctypes.c_int, _P, _I64, _I64, _I64, _P, _I64, _P, _I64, ctypes.c_int],
 }
 
 
@@ -170,7 +172,7 @@ def load_kernels(defines: tuple[str, ...] = ()) -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, None
     lib.quant_linear_variant.argtypes, lib.quant_linear_variant.restype = [], ctypes.c_char_p
-    lib.amx_bf16_available.argtypes, lib.amx_bf16_available.restype = [], ctypes.c_int
+    lib.bf16_packed_kinds.argtypes, lib.bf16_packed_kinds.restype = [], ctypes.c_int
     return lib
 
 
@@ -209,43 +211,52 @@ def bf16_gemm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = 
         mkldnn.fp32_precision = previous
 
 
-def amx_bf16_available() -> bool:
-    """Whether the AMX bf16 GEMM (pagoda/kernels/amx_bf16.h) runs here: the kernels were built for a CPU with
-    AMX-BF16 and AVX512-BF16, and the OS grants the tile state."""
-    global _amx
-    if _amx is None:
+def packed_bf16_kinds() -> int:
+    """Which bf16 GEMM kernels of pagoda/kernels/bf16_gemm.h run here (bit flags: PACKED_AVX512BF16, the kernels
+    were built for AVX512-BF16; PACKED_AMX, for AMX-BF16, and the OS grants the tile state)."""
+    global _packed_kinds
+    if _packed_kinds is None:
         lib = _kernel()
-        _amx = bool(lib is not None and lib.amx_bf16_available())
-    return _amx
+        _packed_kinds = lib.bf16_packed_kinds() if lib is not None else 0
+    return _packed_kinds
 
 
-def pack_amx_bf16(weight: torch.Tensor) -> torch.Tensor:
-    """W [N, K] (N % 16 == 0, K % 32 == 0) rounded to bf16 (to nearest even) in the AMX kernel's tile layout
-    [N/16, K/32, 16 k pairs, 16 columns, 2] (see amx_bf16.h)."""
+def packed_bf16_kernel() -> str:
+    """The packed kernel dense_bf16_gemm uses: "amx", "avx512bf16", or "" (none: oneDNN on an fp32 copy)."""
+    kinds = packed_bf16_kinds()
+    return "amx" if kinds & PACKED_AMX else "avx512bf16" if kinds & PACKED_AVX512BF16 else ""
+
+
+def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """W [N, K] (N % 16 == 0, K % 32 == 0) rounded to bf16 (to nearest even) in the packed layout both kernels read
+    [N/16, K/32, 16 k pairs, 16 columns, 2] (see bf16_gemm.h)."""
     n, k = weight.shape
     return (weight.detach().to(torch.bfloat16).view(n // TILE, TILE, k // GROUP, TILE, 2)
             .permute(0, 2, 3, 1, 4).contiguous())
 
 
 def dense_bf16_weight(weight: torch.Tensor) -> torch.Tensor:
-    """The copy of W [N, K] the bf16 path reads (QuantizedLinear.use_bf16): packed bf16 for the AMX kernel where
-    it runs and the shape fits it (2 bytes per weight, converted once), else fp32 [N, K] for bf16_gemm (oneDNN
-    converts it at every call)."""
+    """The copy of W [N, K] the bf16 path reads (QuantizedLinear.use_bf16): packed bf16 where a packed kernel runs
+    and the shape fits it (2 bytes per weight, converted once), else fp32 [N, K] for bf16_gemm (oneDNN converts it
+    at every call)."""
     n, k = weight.shape
-    if amx_bf16_available() and n % TILE == 0 and k % GROUP == 0:
-        return pack_amx_bf16(weight)
+    if packed_bf16_kinds() and n % TILE == 0 and k % GROUP == 0:
+        return pack_bf16(weight)
     return weight.detach().to(torch.float32).contiguous()
 
 
-def dense_bf16_gemm(x: torch.Tensor, dense: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def dense_bf16_gemm(x: torch.Tensor, dense: torch.Tensor, out: torch.Tensor | None = None,
+                    kind: int = 0) -> torch.Tensor:
     """x @ W^T for fp32 x [M, K] (contiguous) and a `dense_bf16_weight` of W: bf16 products, fp32 sums and output,
-    on AMX tiles by the kernel (a packed weight) or through oneDNN (an fp32 one). `out`: fp32 [M, N] to write."""
+    by a packed kernel (a packed weight; `kind` PACKED_AMX or PACKED_AVX512BF16, 0: the best here) or through
+    oneDNN (an fp32 one). `out`: fp32 [M, N] to write."""
     if dense.dtype != torch.bfloat16:
         return bf16_gemm(x, dense, out)
     m, k = x.shape
     n = dense.shape[0] * TILE
     y = torch.empty((m, n), dtype=torch.float32) if out is None else out
-    _library.amx_bf16_linear(x.data_ptr(), m, k, k, dense.data_ptr(), n, y.data_ptr(), n, torch.get_num_threads())
+    _library.bf16_packed_linear(kind, x.data_ptr(), m, k, k, dense.data_ptr(), n, y.data_ptr(), n,
+                                torch.get_num_threads())
     return y
 
 
@@ -257,7 +268,7 @@ class QuantizedLinear(nn.Module, ABC):
     # Batches of more rows than this take torch's GEMM on the dequantized weight; None: the kernel always.
     kernel_max_rows: int | None = None
     # Set by use_bf16 (the kernel plan, worker/kernel_plan.py): from this many rows on, dense_bf16_gemm on the
-    # dequantized weight runs instead of the kernel (AMX tiles or oneDNN, see dense_bf16_weight).
+    # dequantized weight runs instead of the kernel (a packed bf16 kernel or oneDNN, see dense_bf16_weight).
     bf16_min_rows: int | None = None
     k_per_packed_row = 1  # input columns per index of the packed weight's dimension 1
 
@@ -293,7 +304,8 @@ class QuantizedLinear(nn.Module, ABC):
 
     def use_bf16(self, min_rows: int | None) -> None:
         """Run calls of at least `min_rows` rows with dense_bf16_gemm (None: never). Keeps the dequantized weight
-        (dense_bf16_weight: 2 bytes per weight on AMX, else 4, beside the packed ones) only while it is used."""
+        (dense_bf16_weight: 2 bytes per weight with a packed kernel, else 4, beside the packed ones) only while it is
+        used."""
         self.bf16_min_rows = min_rows
         if min_rows is None:
             self.dense_weight = None

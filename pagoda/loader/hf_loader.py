@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 from safetensors import safe_open
 
 from pagoda.config import ModelConfig
+from pagoda.loader.fp8 import dequantizing, fp8_scheme
 from pagoda.loader.tensors import SafetensorsSource, TensorSource
 
 
@@ -16,7 +18,9 @@ def read_config(directory: Path) -> ModelConfig:
     path = directory / "config.json"
     if not path.is_file():
         raise ValueError(f"{directory} has no config.json: not a Hugging Face model directory")
-    return ModelConfig.from_hf_config(json.loads(path.read_text()))
+    raw = json.loads(path.read_text())
+    fp8_scheme(raw)  # a quantization this loader cannot read fails here, before any weight is touched
+    return ModelConfig.from_hf_config(raw)
 
 
 def safetensors_files(directory: Path) -> list[Path]:
@@ -31,11 +35,22 @@ def safetensors_files(directory: Path) -> list[Path]:
 
 
 def hf_tensors(directory: Path) -> Iterator[tuple[str, TensorSource]]:
-    """Every tensor as a lazy source; a file stays open (memory-mapped) while its tensors are handed out."""
-    for path in safetensors_files(directory):
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                yield _canonical_name(name), SafetensorsSource(f, name)
+    """Every tensor as a lazy source; a file stays open (memory-mapped) while its tensors are handed out. An fp8
+    checkpoint's weights come out dequantized (loader/fp8.py)."""
+    scheme = fp8_scheme(json.loads((directory / "config.json").read_text()))
+    if scheme is None:
+        for path in safetensors_files(directory):
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    yield _canonical_name(name), SafetensorsSource(f, name)
+        return
+    # a weight's scale may sit in another shard: open every shard (memory-mapped) for the whole pass
+    with ExitStack() as files:
+        sources = {}
+        for path in safetensors_files(directory):
+            f = files.enter_context(safe_open(str(path), framework="pt"))
+            sources.update({_canonical_name(name): SafetensorsSource(f, name) for name in f.keys()})
+        yield from dequantizing(sources, scheme).items()
 
 
 def _canonical_name(name: str) -> str:

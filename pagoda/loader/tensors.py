@@ -38,6 +38,7 @@ class SafetensorsSource(TensorSource):
     def __init__(self, handle, name: str):
         self._slice = handle.get_slice(name)
         self.shape = tuple(self._slice.get_shape())
+        self.stored_dtype = self._slice.get_dtype()  # safetensors' name: "F32", "BF16", "F8_E4M3", ...
 
     def read(self, dtype: torch.dtype, rows: Range = None, cols: Range = None) -> torch.Tensor:
         r = slice(*rows) if rows else slice(None)

@@ -92,9 +92,10 @@ class Gemma3ForCausalLM(nn.Module):
         shard = shard or ModelShard.single(config.num_hidden_layers)
         self.config = config
         self.shard = shard
-        max_pos = config.max_position_embeddings
-        self.global_rotary = RotaryEmbedding(config.head_dim, max_pos, config.rope_theta, config.rope_scaling)
-        self.local_rotary = RotaryEmbedding(config.head_dim, max_pos, config.extra.get("rope_local_base_freq", 1e4))
+        positions = config.rotary_positions
+        self.global_rotary = RotaryEmbedding(config.head_dim, positions, config.rope_theta, config.rope_scaling,
+                                             max_position_embeddings=config.max_position_embeddings)
+        self.local_rotary = RotaryEmbedding(config.head_dim, positions, config.extra.get("rope_local_base_freq", 1e4))
         self.model = Gemma3Model(config, self.global_rotary, self.local_rotary, shard)
         self.lm_head = LMHead(config, shard, self.model.embed_tokens) if shard.layout.is_last_stage else None
 

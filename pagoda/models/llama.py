@@ -167,8 +167,8 @@ class LlamaForCausalLM(nn.Module):
         shard = shard or ModelShard.single(config.num_hidden_layers)
         self.config = config
         self.shard = shard
-        self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
-                                      config.rope_scaling, rope_freq_factors)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rotary_positions, config.rope_theta,
+                                      config.rope_scaling, rope_freq_factors, config.max_position_embeddings)
         self.model = LlamaModel(config, self.rotary, self.attention_cls, shard)
         self.lm_head = LMHead(config, shard, self.model.embed_tokens) if shard.layout.is_last_stage else None
 

@@ -5,7 +5,7 @@ each a few microseconds of dispatch. `NativeStack` hands the whole stack (norms,
 rotary, KV-cache write, paged attention, MLP, final norm) to one C++ call over the same weights and cache the
 torch modules use. Each linear layer runs its compiled kernel, or, for calls of at least its `bf16_min_rows` rows
 (the kernel plan, worker/kernel_plan.py), a bf16 GEMM on its dequantized weight: in the stack on AMX tiles
-(kernels/amx_bf16.h, a weight packed once at 2 bytes per weight) where the CPU has them, else through a callback
+(kernels/bf16_gemm.h, a weight packed once at 2 bytes per weight) where the CPU has them, else through a callback
 into torch (oneDNN on an fp32 copy; ~10 us per call, against GEMMs of 0.1 ms and more). It serves every step, except
 that int8 layers without such a GEMM take steps of at most 64 tokens (larger steps are compute-bound and run best
 on a GEMM over the dequantized weight, through the torch modules). Both paths give the same results up to fp32

@@ -218,6 +218,7 @@ def create_app(settings: ServerSettings, engine: LLMEngine | None = None) -> Fas
                         else "none", why)
             async_engine = AsyncEngine(llm_engine, max_waiting=settings.max_waiting,
                                        step_listener=state.metrics.on_step, on_dead=on_dead)
+            state.metrics.on_engine_ready(llm_engine)
             async_engine.start()
             state.engine = async_engine
             logger.info("ready: serving %s%s", settings.model_name, f" at {settings.url}" if settings.url else "")
@@ -277,6 +278,7 @@ def create_app(settings: ServerSettings, engine: LLMEngine | None = None) -> Fas
         engine = state.ready_engine().engine
         return {"model": settings.model_name, "max_model_len": engine.max_model_len,
                 "kv_cache_blocks": engine.kv_layout.num_blocks, "block_size": engine.kv_layout.block_size,
+                "kv_cache_tokens": engine.kv_layout.num_tokens, "max_concurrency": engine.max_concurrency,
                 "ranks": [plan.as_dict() for plan in engine.plans]}
 
     @app.get("/metrics")

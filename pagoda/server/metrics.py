@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from pagoda.engine.llm_engine import EngineStats
+from pagoda.engine.llm_engine import EngineStats, LLMEngine
 from pagoda.engine.outputs import RequestOutput
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -64,12 +64,31 @@ class ServerMetrics:
         self.prefix_cache_queries = counter("vllm:prefix_cache_queries",
                                             "Prompt tokens looked up in the prefix cache (on admission).")
         self.prefix_cache_hits = counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        # memory, per rank (the largest rank's figure), set once the engine is loaded
+        self.weight_bytes = gauge("pagoda:weight_bytes", "Bytes of the weights (parameters and buffers) per rank.")
+        self.kv_cache_bytes = gauge("pagoda:kv_cache_bytes", "Bytes of the KV cache per rank.")
+        self.kv_cache_tokens = gauge("pagoda:kv_cache_tokens", "Tokens the KV cache holds.")
+        self.kv_bytes_per_token = gauge("pagoda:kv_cache_bytes_per_token", "KV-cache bytes per token per rank.")
+        self.activation_bytes = gauge("pagoda:activation_reserve_bytes",
+                                      "Activation buffers of the largest step per rank (the planner's formula).")
+        self.max_concurrency = gauge("pagoda:max_concurrency",
+                                     "Requests of max_model_len tokens the KV cache holds at once.")
         self._model_name = model_name
         self._preemptions_seen = 0
         self._steps_seen = 0
         self._prefix_queries_seen = 0
         self._prefix_hits_seen = 0
         self._first_token_seen: set[str] = set()
+
+    def on_engine_ready(self, engine: LLMEngine) -> None:
+        plans = engine.plans
+        self.weight_bytes.set(max(p.weight_bytes for p in plans))
+        self.kv_cache_bytes.set(max(p.kv_cache_bytes for p in plans))
+        self.kv_cache_tokens.set(engine.kv_layout.num_tokens)
+        self.kv_bytes_per_token.set(max(p.kv_bytes_per_token for p in plans))
+        self.activation_bytes.set(max(p.activation_reserve_bytes for p in plans))
+        self.max_concurrency.set(engine.max_concurrency)
+        self.kv_blocks_total.set(engine.kv_layout.num_blocks)
 
     def on_step(self, stats: EngineStats, outputs: list[RequestOutput]) -> None:
         self.running.set(stats.num_running)

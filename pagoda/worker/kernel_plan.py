@@ -5,8 +5,8 @@ Candidates per layer shape (out x in features and weight format):
 - the compiled kernel (pagoda/kernels/quant_linear.cpp, built for this CPU): reads each packed weight byte once per
   call, so it wins while a call is bound by memory (decode: few rows);
 - a bf16 GEMM on the dequantized weight (layers/quantized.dense_bf16_gemm: bf16 products, fp32 sums and output):
-  on a CPU with AMX, pagoda/kernels/amx_bf16.h on a weight packed once in bf16; elsewhere torch's oneDNN on an
-  fp32 copy (AVX512-BF16 where the CPU has it; emulated, slowly, otherwise, and the measurement says so). It wins
+  on a CPU with AMX or AVX512-BF16, pagoda/kernels/bf16_gemm.h on a weight packed once in bf16; elsewhere torch's
+  oneDNN on an fp32 copy (emulated, slowly, and the measurement says so). It wins
   once a call is bound by arithmetic (prefill chunks, large decode batches) on CPUs with bf16 units.
 
 For each shape the plan is a row threshold: bf16 from the smallest bucket (powers of two up to the largest call the
@@ -44,7 +44,13 @@ import torch
 from torch import nn
 
 from pagoda import kernels
-from pagoda.layers.quantized import Bf16Linear, QuantizedLinear, amx_bf16_available, dense_bf16_gemm, dense_bf16_weight
+from pagoda.layers.quantized import (
+    Bf16Linear,
+    QuantizedLinear,
+    dense_bf16_gemm,
+    dense_bf16_weight,
+    packed_bf16_kernel,
+)
 from pagoda.model_store import store_root
 
 logger = logging.getLogger("pagoda")
@@ -130,7 +136,8 @@ class KernelPlan:
 
 def bf16_path() -> str:
     """Which bf16 GEMM the plan's bf16 choices run here."""
-    return "the AMX kernel" if amx_bf16_available() else "oneDNN on an fp32 copy"
+    kernel = packed_bf16_kernel()
+    return {"amx": "the AMX kernel", "avx512bf16": "the AVX512-BF16 kernel"}.get(kernel, "oneDNN on an fp32 copy")
 
 
 def layer_format(layer: QuantizedLinear) -> str:

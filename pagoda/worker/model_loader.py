@@ -4,6 +4,7 @@ the KV cache, the attention backend, the native stack when it can run, and the E
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,7 +32,16 @@ from pagoda.parallel.comm import TPGroup
 from pagoda.parallel.layout import RankLayout
 from pagoda.parallel.shard import ModelShard
 from pagoda.worker import kernel_plan
-from pagoda.worker.kv_cache import KVCacheLayout, allocate_kv_cache, plan_kv_cache, resolve_kv_cache_dtype
+from pagoda.worker.kv_cache import (
+    KVBudget,
+    KVCacheLayout,
+    allocate_kv_cache,
+    host_memory,
+    kv_cache_budget,
+    max_bytes_per_token,
+    plan_kv_cache,
+    resolve_kv_cache_dtype,
+)
 
 logger = logging.getLogger("pagoda")
 
@@ -60,11 +70,13 @@ def _default_dtype(dtype: torch.dtype):
 
 
 def build_model(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device,
-                shard: ModelShard | None = None) -> nn.Module:
-    """The model (its shard on a parallel rank) with its weights read from the checkpoint."""
-    cls = model_class(checkpoint.config)
+                shard: ModelShard | None = None, context: int | None = None) -> nn.Module:
+    """The model (its shard on a parallel rank) with its weights read from the checkpoint, its rotary made for
+    `context` tokens (default: the model's context length)."""
+    config = dataclasses.replace(checkpoint.config, served_context=context)
+    cls = model_class(config)
     with torch.device(device), _default_dtype(dtype):
-        model = cls(checkpoint.config, checkpoint.rope_freq_factors, shard)
+        model = cls(config, checkpoint.rope_freq_factors, shard)
     model.load_weights(checkpoint.tensors())
     return model.eval()
 
@@ -74,7 +86,7 @@ def load_weights(checkpoint: Checkpoint, config: EngineConfig, shard: ModelShard
     """The model (its shard) with its weights in the format the config resolves to here, and that format."""
     device, dtype = torch.device(config.device), config.torch_dtype
     quantization = resolve_quantization(config.quantization, device, dtype, checkpoint.is_gguf)
-    model = build_model(checkpoint, dtype, device, shard)
+    model = build_model(checkpoint, dtype, device, shard, config.context_for(checkpoint.config))
     if quantization is not None:
         quantize_model(model, quantization, checkpoint.sources() if checkpoint.is_gguf else None)
     elif dtype == torch.bfloat16 and device.type == "cpu":
@@ -88,6 +100,28 @@ def resolve_kernel_plan(model: nn.Module, config: EngineConfig, remeasure: bool 
                                config.max_num_seqs, remeasure=remeasure)
 
 
+def activation_reserve(model_config: ModelConfig, config: EngineConfig) -> int:
+    """The largest step's activation buffers on a rank, by the planner's formula (planner.activation_bytes)."""
+    from pagoda.planner import activation_bytes
+
+    return activation_bytes(model_config, config.tensor_parallel_size, config.max_prefill_tokens,
+                            config.max_num_seqs)
+
+
+def resolve_kv_budget(model_config: ModelConfig, config: EngineConfig, kv_dtype: torch.dtype) -> KVBudget:
+    """This rank's KV-cache bytes (worker/kv_cache.py); with several ranks, measured once every rank's weights are
+    in memory, and the same on every rank."""
+    cache = config.cache
+    if cache.kv_cache_memory is not None:
+        return KVBudget(cache.kv_cache_memory, "set")
+    available, ranks_on_host = host_memory()
+    return kv_cache_budget(cache, max_bytes_per_token(model_config, kv_dtype, config.parallel), available=available,
+                           ranks_on_host=ranks_on_host, activation_reserve=activation_reserve(model_config, config),
+                           max_num_seqs=config.max_num_seqs,
+                           max_model_len=config.context_for(model_config),
+                           max_model_len_is_set=config.max_model_len is not None)
+
+
 def load_model(path: Path, config: EngineConfig, rank: RankLayout | None = None, tp: TPGroup | None = None,
                progress: bool = False, remeasure_kernels: bool = False) -> LoadedModel:
     device = torch.device(config.device)
@@ -98,13 +132,15 @@ def load_model(path: Path, config: EngineConfig, rank: RankLayout | None = None,
     if config.quantization != "auto":
         check_quantization(config.quantization, device)
     checkpoint = open_checkpoint(path)
+    config.context_for(checkpoint.config)  # a max_model_len the model cannot reach fails before loading
     rank = rank or RankLayout.single(checkpoint.config.num_hidden_layers)
     # Split boundaries of a sharded model fall on whole quantization blocks of its tensors.
     shard = ModelShard(rank, tp or TPGroup(), align=max(32, checkpoint.block_size()))
     model, quantization = load_weights(checkpoint, config, shard)
     kernels_plan = resolve_kernel_plan(model, config, remeasure_kernels)
     kernels_plan.apply(model)  # before the native stack, which serves only the steps the kernels take
-    kv_layout = plan_kv_cache(checkpoint.config, config.cache, kv_dtype, config.parallel)
+    kv_budget = resolve_kv_budget(checkpoint.config, config, kv_dtype)
+    kv_layout = plan_kv_cache(checkpoint.config, config.cache, kv_dtype, config.parallel, kv_budget.bytes)
     kv_caches = allocate_kv_cache(kv_layout, checkpoint.config, kv_dtype, device, rank)
     stack, stack_reason = native_stack.build(model, kv_caches, backend)
     if stack is not None and kernels_plan.needs_step_check:
@@ -123,7 +159,8 @@ def load_model(path: Path, config: EngineConfig, rank: RankLayout | None = None,
         num_heads=attention.num_heads, num_kv_heads=attention.num_kv_heads,
         weight_bytes=sum(t.nbytes for t in _unique_tensors(model)),
         kv_cache_bytes=sum(c.nbytes for c in kv_caches), kv_cache_blocks=kv_layout.num_blocks,
-        kv_bytes_per_token=sum(c[0, 0].nbytes for c in kv_caches) * 2)
+        kv_cache_tokens=kv_layout.num_tokens, kv_bytes_per_token=sum(c[0, 0].nbytes for c in kv_caches) * 2,
+        kv_cache_sizing=kv_budget.reason, activation_reserve_bytes=activation_reserve(checkpoint.config, config))
     logger.info("execution plan: %s", plan.summary())
     return LoadedModel(model, checkpoint.config, checkpoint.tokenizer, kv_layout, kv_caches, backend, stack, plan,
                        kernels_plan)

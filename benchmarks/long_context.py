@@ -1,0 +1,157 @@
+"""The context-length table (issue 14): for 4k, 8k, 32k and 128k contexts, KV bytes per token and the requests of
+that length one GiB holds for each KV-cache dtype, and, measured on the engine, the prefill time of one prompt
+filling the context and the decode rate at that context; then fairness: the TTFT of short requests submitted
+while one long prompt is prefilled in chunks.
+
+    .venv/bin/python benchmarks/long_context.py            # writes benchmarks/results/long_context.json and
+                                                           # benchmarks/plots/long_context.png
+
+Models: a tiny random-weight Llama with yarn rope scaling to 131072 tokens (1 layer, 2 query heads and 1 KV head
+of 32: the attention is the whole cost, and a 128k prefill takes seconds, not hours), and SmolLM2-135M-Instruct
+up to its 8192-token context. Greedy, one request at a time, default engine settings otherwise (kernel plan
+"kernel", fp16 KV cache, --kv-cache-memory auto).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CONTEXTS = (4096, 8192, 32768, 131072)
+KV_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
+DECODE_TOKENS = 32
+
+
+def tiny_long_model(directory: Path) -> Path:
+    import transformers
+
+    from tests.tiny_models import save_tiny_model
+
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                                      max_position_embeddings=4096, tie_word_embeddings=True,
+                                      rope_parameters={"rope_type": "yarn", "factor": 32.0, "rope_theta": 1e4,
+                                                       "original_max_position_embeddings": 4096})
+    return save_tiny_model(directory, config)
+
+
+def run_one(engine, prompt: list[int], max_tokens: int) -> tuple[float, float]:
+    """(seconds to the first token, decode tokens per second after it) for one greedy request alone."""
+    from pagoda import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    engine.add_request("r", prompt, params)
+    first = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if first is None and out.outputs[0].token_ids:
+                first = time.perf_counter()
+    end = time.perf_counter()
+    return first - start, (max_tokens - 1) / (end - first)
+
+
+def measure_contexts(name: str, model: str, contexts: list[int], vocab: int) -> list[dict]:
+    from pagoda import LLM
+
+    rows = []
+    for context in contexts:
+        rng = random.Random(context)
+        prompt = [rng.randrange(vocab) for _ in range(context - DECODE_TOKENS)]
+        with LLM(model, max_model_len=context, max_num_seqs=1, max_prefill_tokens=2048, progress=False) as llm:
+            engine = llm.engine
+            per_token = engine.plan.kv_bytes_per_token
+            element = 2 if engine.plan.kv_cache_dtype in ("float16", "bfloat16") else 4
+            prefill, decode = run_one(engine, prompt, DECODE_TOKENS)
+        row = {"model": name, "context": context, "kv_cache_dtype": engine.plan.kv_cache_dtype,
+               "kv_bytes_per_token": {d: per_token // element * size for d, size in KV_DTYPES.items()},
+               "prefill_seconds": prefill, "prefill_tokens_per_s": len(prompt) / prefill,
+               "decode_tokens_per_s": decode}
+        row["requests_per_gib"] = {d: 2 ** 30 / (b * context) for d, b in row["kv_bytes_per_token"].items()}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def measure_fairness(model: str, long_len: int, vocab: int, shorts: int = 8, short_len: int = 64) -> dict:
+    """TTFT of `shorts` requests of short_len tokens submitted one by one, every few steps, while one long_len
+    prompt is prefilled; and the long prompt's own prefill time alone, for comparison."""
+    from pagoda import LLM, SamplingParams
+
+    rng = random.Random(1)
+    long_prompt = [rng.randrange(vocab) for _ in range(long_len)]
+    with LLM(model, max_model_len=long_len + 64, max_num_seqs=16, progress=False) as llm:
+        engine = llm.engine
+        alone, _ = run_one(engine, [rng.randrange(vocab) for _ in range(long_len)], 2)
+        engine.add_request("long", long_prompt, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+        submitted, first, step = {}, {}, 0
+        while engine.has_unfinished_requests():
+            if step % 4 == 1 and len(submitted) < shorts:
+                rid = f"s{len(submitted)}"
+                engine.add_request(rid, [rng.randrange(vocab) for _ in range(short_len)],
+                                   SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+                submitted[rid] = time.perf_counter()
+            for out in engine.step():
+                if out.request_id not in first and out.outputs[0].token_ids:
+                    first[out.request_id] = time.perf_counter()
+            step += 1
+        ttft = sorted(first[r] - t for r, t in submitted.items())
+    result = {"long_prompt_tokens": long_len, "long_prefill_alone_seconds": alone, "short_requests": shorts,
+              "short_prompt_tokens": short_len, "short_ttft_seconds": ttft,
+              "short_ttft_p50": ttft[len(ttft) // 2], "short_ttft_max": ttft[-1]}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name in sorted({r["model"] for r in rows}):
+        mine = [r for r in rows if r["model"] == name]
+        x = [r["context"] for r in mine]
+        axes[0].plot(x, [r["prefill_seconds"] for r in mine], marker="o", label=name)
+        axes[1].plot(x, [r["decode_tokens_per_s"] for r in mine], marker="o", label=name)
+    for ax, title in zip(axes, ("prefill of one prompt filling the context (s)", "decode at that context (tok/s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    axes[0].set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", type=int, nargs="*", default=list(CONTEXTS))
+    parser.add_argument("--fairness-prompt", type=int, default=131000)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "long_context.json")
+    args = parser.parse_args()
+    from pagoda.model_store import DEFAULT_MODEL
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = str(tiny_long_model(Path(tmp) / "tiny-long"))
+        rows = measure_contexts("tiny yarn 128k (1 layer)", tiny, args.contexts, 512)
+        rows += measure_contexts("SmolLM2-135M", DEFAULT_MODEL, [c for c in args.contexts if c <= 8192], 49152)
+        fairness = measure_fairness(tiny, args.fairness_prompt, 512)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"contexts": rows, "fairness": fairness}, indent=2))
+    plot(rows, ROOT / "benchmarks" / "plots" / "long_context.png")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
