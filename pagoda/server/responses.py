@@ -12,10 +12,16 @@ from pagoda.core.outputs import TokenLogprobs
 from pagoda.engine.outputs import RequestOutput
 from pagoda.tokenizer.tokenizer import Tokenizer
 
+# Characters that Python's str.splitlines() and some JavaScript line readers treat as line ends although SSE does
+# not (NEL, LINE SEPARATOR, PARAGRAPH SEPARATOR): escaped in the JSON (still the same string), so a client that
+# splits a stream on them never cuts an event in two.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
 
 def sse(data: dict[str, Any] | str) -> str:
     """One server-sent event."""
-    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False).translate(_LINE_BREAKS)
+    return f"data: {text}\n\n"
 
 
 SSE_DONE = sse("[DONE]")
