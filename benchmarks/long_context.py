@@ -82,31 +82,41 @@ def measure_contexts(name: str, model: str, contexts: list[int], vocab: int) -> 
 
 
 def measure_fairness(model: str, long_len: int, vocab: int, shorts: int = 8, short_len: int = 64) -> dict:
-    """TTFT of `shorts` requests of short_len tokens submitted one by one, every few steps, while one long_len
-    prompt is prefilled; and the long prompt's own prefill time alone, for comparison."""
+    """TTFT of `shorts` requests of short_len tokens submitted one by one, spread over the prefill of one long_len
+    prompt, with the scheduler's cap on a running prompt's chunk (the default) and without it (the long prompt
+    takes the whole budget, as before the cap); and the long prompt's prefill time alone."""
+    import dataclasses
+
     from pagoda import LLM, SamplingParams
 
     rng = random.Random(1)
-    long_prompt = [rng.randrange(vocab) for _ in range(long_len)]
+    result = {"long_prompt_tokens": long_len, "short_requests": shorts, "short_prompt_tokens": short_len}
     with LLM(model, max_model_len=long_len + 64, max_num_seqs=16, progress=False) as llm:
         engine = llm.engine
         alone, _ = run_one(engine, [rng.randrange(vocab) for _ in range(long_len)], 2)
-        engine.add_request("long", long_prompt, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
-        submitted, first, step = {}, {}, 0
-        while engine.has_unfinished_requests():
-            if step % 4 == 1 and len(submitted) < shorts:
-                rid = f"s{len(submitted)}"
-                engine.add_request(rid, [rng.randrange(vocab) for _ in range(short_len)],
-                                   SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-                submitted[rid] = time.perf_counter()
-            for out in engine.step():
-                if out.request_id not in first and out.outputs[0].token_ids:
-                    first[out.request_id] = time.perf_counter()
-            step += 1
-        ttft = sorted(first[r] - t for r, t in submitted.items())
-    result = {"long_prompt_tokens": long_len, "long_prefill_alone_seconds": alone, "short_requests": shorts,
-              "short_prompt_tokens": short_len, "short_ttft_seconds": ttft,
-              "short_ttft_p50": ttft[len(ttft) // 2], "short_ttft_max": ttft[-1]}
+        result["long_prefill_alone_seconds"] = alone
+        steps = -(-long_len // engine.config.max_prefill_tokens)  # steps of the long prefill alone
+        every = max(1, steps // (shorts + 1))
+        uncapped = dataclasses.replace(engine.scheduler.config,
+                                       shared_prefill_chunk=engine.config.max_prefill_tokens)
+        for label, config in (("capped", engine.scheduler.config), ("whole_budget", uncapped)):
+            engine.scheduler.config = config
+            engine.add_request(f"long-{label}", [rng.randrange(vocab) for _ in range(long_len)],
+                               SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+            submitted, first, step = {}, {}, 0
+            while engine.has_unfinished_requests():
+                if step % every == every - 1 and len(submitted) < shorts:
+                    rid = f"{label}-s{len(submitted)}"
+                    engine.add_request(rid, [rng.randrange(vocab) for _ in range(short_len)],
+                                       SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+                    submitted[rid] = time.perf_counter()
+                for out in engine.step():
+                    if out.request_id not in first and out.outputs[0].token_ids:
+                        first[out.request_id] = time.perf_counter()
+                step += 1
+            ttft = sorted(first[r] - t for r, t in submitted.items())
+            result[label] = {"short_ttft_seconds": ttft, "short_ttft_p50": ttft[len(ttft) // 2],
+                             "short_ttft_max": ttft[-1]}
     print(json.dumps(result), flush=True)
     return result
 
@@ -138,15 +148,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=int, nargs="*", default=list(CONTEXTS))
     parser.add_argument("--fairness-prompt", type=int, default=131000)
+    parser.add_argument("--fairness-only", action="store_true", help="only the fairness measurement (not written)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "long_context.json")
     args = parser.parse_args()
     from pagoda.model_store import DEFAULT_MODEL
 
     with tempfile.TemporaryDirectory() as tmp:
         tiny = str(tiny_long_model(Path(tmp) / "tiny-long"))
+        fairness = measure_fairness(tiny, args.fairness_prompt, 512)
+        if args.fairness_only:
+            print(json.dumps(fairness))
+            return
         rows = measure_contexts("tiny yarn 128k (1 layer)", tiny, args.contexts, 512)
         rows += measure_contexts("SmolLM2-135M", DEFAULT_MODEL, [c for c in args.contexts if c <= 8192], 49152)
-        fairness = measure_fairness(tiny, args.fairness_prompt, 512)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"contexts": rows, "fairness": fairness}, indent=2))
     plot(rows, ROOT / "benchmarks" / "plots" / "long_context.png")
