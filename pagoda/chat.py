@@ -117,7 +117,7 @@ def run_chat(backend: ChatBackend, *, system: str | None, temperature: float, ma
                 sys.stdout.flush()
         except KeyboardInterrupt:
             sys.stdout.write(" [stopped]")
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError) as exc:  # the server's error, or the local engine's refusal
             print(f"\nerror: {exc}", file=sys.stderr)
             messages.pop()
             continue

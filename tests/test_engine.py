@@ -125,6 +125,14 @@ def test_bad_requests_are_refused_before_any_work(llm):
     with pytest.raises(PromptTooLongError) as info:
         engine.add_request("long", [1] * engine.max_model_len, SamplingParams())
     assert str(engine.max_model_len) in str(info.value) and info.value.code == "context_length_exceeded"
+    # prompt + max_tokens past the context: refused with the numbers, never cut silently
+    prompt = [1] * 100
+    room = engine.max_model_len - len(prompt)
+    with pytest.raises(PromptTooLongError) as info:
+        engine.add_request("too-many", prompt, SamplingParams(max_tokens=room + 1))
+    assert info.value.param == "max_tokens" and info.value.code == "context_length_exceeded"
+    assert f"{engine.max_model_len + 1} tokens (100 in the prompt, {room + 1} in the completion)" in str(info.value)
+    assert f"at most {room} here" in str(info.value)
     with pytest.raises(SamplingParamsError, match="empty"):
         engine.add_request("empty", [], SamplingParams())
     with pytest.raises(SamplingParamsError, match="vocabulary"):

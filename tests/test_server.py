@@ -329,6 +329,14 @@ def test_prompt_too_long(http, client):
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "hi " * 3000}])
     assert info.value.code == "context_length_exceeded"
+    # a prompt that fits with a max_tokens that does not: refused (as OpenAI and vLLM do), not cut to fit
+    response = http.post("/v1/completions", json={"prompt": [1] * 2000, "max_tokens": 49})
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["code"] == "context_length_exceeded"
+    assert error["param"] == "max_tokens"
+    assert "2049 tokens (2000 in the prompt, 49 in the completion)" in error["message"]
+    fits = http.post("/v1/completions", json={"prompt": [1] * 2000, "max_tokens": 48, "ignore_eos": True})
+    assert fits.status_code == 200 and fits.json()["usage"]["completion_tokens"] == 48
 
 
 def test_malformed_json_and_wrong_shapes(http):

@@ -113,9 +113,8 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, prompt_ids = self.process_prompt(prompt)
         self.validate_prompt(prompt_ids, params)
-        max_tokens = self.max_model_len - len(prompt_ids)
-        if params.max_tokens is not None:
-            max_tokens = min(max_tokens, params.max_tokens)
+        # validated: max_tokens fits after the prompt; without it the request may fill the context
+        max_tokens = self.max_model_len - len(prompt_ids) if params.max_tokens is None else params.max_tokens
         arrival = time.monotonic() if arrival_time is None else arrival_time
         self.output_processor.add_request(request_id, text, prompt_ids, params, arrival)
         eos = frozenset(self.tokenizer.eos_token_ids)
@@ -144,11 +143,15 @@ class LLMEngine:
             raise SamplingParamsError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})", "prompt")
         if len(prompt_ids) + 1 > self.max_model_len:
             raise self.prompt_too_long(len(prompt_ids))
-        # A max_tokens the context could never hold is a mistake, not a wish to cap (a smaller one is capped).
-        if params.max_tokens is not None and params.max_tokens > self.max_model_len:
-            raise SamplingParamsError(f"max_tokens is {params.max_tokens}, more than this model's context of "
-                                      f"{self.max_model_len} tokens (prompt included) holds", "max_tokens")
+        # Nothing is cut silently: a max_tokens the context cannot hold after this prompt is refused, as OpenAI and
+        # vLLM do (without max_tokens a request may use the rest of the context).
         room = self.max_model_len - len(prompt_ids)
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise PromptTooLongError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{len(prompt_ids) + params.max_tokens} tokens ({len(prompt_ids)} in the prompt, "
+                f"{params.max_tokens} in the completion). Please reduce the length of the prompt or max_tokens "
+                f"(at most {room} here).", "max_tokens")
         if params.min_tokens > room:
             raise SamplingParamsError(f"min_tokens is {params.min_tokens}, but after the {len(prompt_ids)} prompt "
                                       f"tokens the context has room for {room}", "min_tokens")
