@@ -32,7 +32,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         "same with activations rounded to int8 for the 4-bit layers, as llama.cpp does (faster "
                         "prefill, outputs further from fp32); int8: requantize every linear layer to int8; "
                         "none: weights in --dtype; auto (default): gguf for a GGUF file on the CPU, else none")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
+    p.add_argument("--kv-cache-dtype", default="auto",
+                   choices=("auto", "float32", "float16", "bfloat16", "int8", "fp8_e4m3", "fp8_e5m2"),
                    help="element type of the KV cache; auto (default): float16 for a float32 model on the CPU "
                         "(half the memory traffic of decode attention), else the model's dtype")
     p.add_argument("--kernel-plan", default="kernel", metavar="kernel|auto|bf16:N",
@@ -416,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=1, help="requests at their full context at once (default: 1)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "fp8", "int8", "int4"], default=None,
                    help="weights' precision (default: as stored in the model's files; bf16 for a config.json)")
-    p.add_argument("--kv-cache-dtype", choices=["float32", "float16", "bfloat16"], default="bfloat16",
+    p.add_argument("--kv-cache-dtype", choices=["float32", "float16", "bfloat16", "int8", "fp8_e4m3", "fp8_e5m2"],
+                   default="bfloat16",
                    help="(default: bfloat16)")
     p.add_argument("-tp", "--tensor-parallel-size", type=int, default=1, help="ranks to split over (default: 1)")
     p.add_argument("--max-prefill-tokens", type=int, default=512, help="prompt tokens per step (default: 512)")

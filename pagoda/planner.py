@@ -10,9 +10,9 @@ The three parts, per tensor-parallel rank:
   files and Pagoda's int8 path keep them); norms stay fp32. Tensor parallelism splits the projections, the
   embedding and the LM head by `tp` and replicates the norms.
 - KV cache: 2 (K and V) x layers x KV heads (this rank's: ceil(heads / tp), replicated when tp > heads) x head dim
-  x element size per token; Pagoda allocates every layer at the full context. Layers with a sliding window need
-  at most `window` tokens each: `kv_window_capped_bytes` is that lower bound (what an engine that drops
-  out-of-window blocks needs), shown beside Pagoda's figure.
+  x element size per token (8-bit caches: + 4 bytes of scale per head); Pagoda allocates every layer at the full
+  context. Layers with a sliding window need at most `window` tokens each: `kv_window_capped_bytes` is that lower
+  bound (what an engine that drops out-of-window blocks needs), shown beside Pagoda's figure.
 - activations and workspace: the largest step's fp32 buffers (a prefill chunk of `max_prefill_tokens` plus decodes:
   hidden states, q/k/v, attention output, gate/up, activation; the LM head's logits for up to `max_num_seqs`
   rows, twice for sampling), plus a fixed runtime overhead (the Python process with torch loaded).
@@ -36,7 +36,8 @@ from pagoda.config import ModelConfig
 PRECISIONS = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0 + 2 / 32, "int4": 0.5 + 4 / 32}
 # the embedding's and LM head's format for each precision of the linear layers
 EMBEDDING_PRECISION = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "fp8": "bf16", "int8": "int8", "int4": "int8"}
-KV_ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+KV_ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
+KV_ROW_EXTRA = {"int8": 4, "fp8_e4m3": 4, "fp8_e5m2": 4}  # bytes after each row: its scale (layers/kv_quant.py)
 # the seed's context classes: 4-8k chat and Q&A, 32-128k documents, 128k+ agents (planned at the top of the class)
 CONTEXT_PRESETS = {"chat": 8192, "docs": 131072, "agent": 262144}
 RUNTIME_OVERHEAD = 512 * 2 ** 20  # a Python process with torch loaded, the server and the tokenizer (RSS, rounded up)
@@ -273,7 +274,8 @@ def plan(config: ModelConfig, *, model: str = "", weights: WeightBytes | None = 
     element = KV_ELEMENT_BYTES[kv_cache_dtype]
 
     def per_rank(degree: int) -> tuple[int, int, int, int, int]:
-        token = 2 * config.num_hidden_layers * kv_heads_per_rank(config, degree) * config.head_dim * element
+        row = config.head_dim * element + KV_ROW_EXTRA.get(kv_cache_dtype, 0)
+        token = 2 * config.num_hidden_layers * kv_heads_per_rank(config, degree) * row
         layer_token = token // config.num_hidden_layers
         capped = sum(layer_token * min(context, w or context) for w in layer_windows(config)) * concurrency
         act = activation_bytes(config, degree, max_prefill_tokens, seqs)

@@ -132,7 +132,7 @@ def test_decode_split_over_key_ranges_matches_reference(cpu_backend):
 
 def test_rejects_a_cache_it_cannot_read(cpu_backend):
     q, k, v, cache, layout = random_attention_step([(1, 5)], 4, 4, 64)
-    with pytest.raises(ValueError, match="fp32, fp16 or bf16 KV cache"):
+    with pytest.raises(ValueError, match="fp32, fp16, bf16, int8 or fp8 KV cache"):
         run(cpu_backend, Attention(0, 4, 4, 64, 0.125), q, k, v, cache.to(torch.float64), layout)
 
 
@@ -235,3 +235,83 @@ def test_kv_cache_dtype_resolution(served_llm, llm):
     assert isinstance(served_llm.engine.runner.backend, CpuPagedBackend)
     assert llm.engine.runner.kv_caches[0].dtype == torch.float32
     assert served_llm.engine.kv_layout.bytes_per_token * 2 == llm.engine.kv_layout.bytes_per_token
+
+
+# ---- 8-bit caches: codes and a scale per row (layers/kv_quant.py) -----------------------------------------------
+
+EIGHT_BIT = [torch.int8, torch.float8_e4m3fn, torch.float8_e5m2]
+EIGHT_BIT_IDS = ["int8", "fp8_e4m3", "fp8_e5m2"]
+
+
+def _assert_8bit_matches_reference(cpu_backend, layer, q, k, v, cache, layout, dtype):
+    from pagoda.layers.kv_quant import quantize_rows
+
+    packed = quantize_rows(cache, dtype)  # every old row a valid row of the format
+    ref_cache, cpu_cache = packed.clone(), packed.clone()
+    expected = run(ReferenceBackend(CPU), layer, q, k, v, ref_cache, layout)
+    got = run(cpu_backend, layer, q, k, v, cpu_cache, layout)
+    # the same codes and scales for the new rows, byte for byte
+    assert torch.equal(cpu_cache.view(torch.uint8), ref_cache.view(torch.uint8)), "the cache after the write differs"
+    diff = (got - expected).abs().max().item()
+    assert diff <= 1e-4, f"max |difference| {diff}"
+
+
+@pytest.mark.parametrize("requests", [MIXED, [(1, 300)], [(1, 3), (1, 200), (1, 33)]],
+                         ids=["mixed", "split", "decodes"])
+@pytest.mark.parametrize("window", [None, 20], ids=["causal", "window20"])
+@pytest.mark.parametrize("dtype", EIGHT_BIT, ids=EIGHT_BIT_IDS)
+def test_8bit_caches_match_reference(cpu_backend, requests, window, dtype):
+    q, k, v, cache, layout = random_attention_step(requests, 9, 3, 64, seed=4)
+    layer = Attention(0, 9, 3, 64, 0.125, sliding_window=window)
+    _assert_8bit_matches_reference(cpu_backend, layer, q, k, v, cache, layout, dtype)
+
+
+@pytest.mark.parametrize("head_dim", [32, 67, 80, 128])
+@pytest.mark.parametrize("dtype", EIGHT_BIT, ids=EIGHT_BIT_IDS)
+def test_8bit_caches_at_other_head_dims(cpu_backend, head_dim, dtype):
+    q, k, v, cache, layout = random_attention_step(MIXED, 4, 2, head_dim, seed=6)
+    _assert_8bit_matches_reference(cpu_backend, Attention(0, 4, 2, head_dim, head_dim ** -0.5), q, k, v, cache,
+                                   layout, dtype)
+
+
+@pytest.mark.parametrize("dtype", EIGHT_BIT, ids=EIGHT_BIT_IDS)
+def test_8bit_codes_round_as_torch_does(cpu_backend, dtype):
+    """Ties, values at the codes' extremes, subnormal codes and a zero row, written by the kernel and by torch."""
+    q, k, v, cache, layout = random_attention_step([(2, 2)], 2, 2, 64, seed=7)
+    amax = 448.0 if dtype == torch.float8_e4m3fn else 57344.0 if dtype == torch.float8_e5m2 else 127.0
+    row = torch.linspace(-1, 1, 64)
+    row[:8] = torch.tensor([1.0, -1.0, 0.5 / amax, 1.5 / amax, 2.5 / amax, 1e-6, 0.999, 2 ** -10])
+    k[0, 0] = row  # scale = 1 / amax: the codes are row x amax, ties included
+    k[0, 1] = 0.0  # a zero row: scale 0, codes 0
+    v[1, 0] = row * 3.7
+    _assert_8bit_matches_reference(cpu_backend, Attention(0, 2, 2, 64, 0.125), q, k, v, cache, layout, dtype)
+
+
+def test_the_8bit_caches_are_selected_and_sized():
+    from pagoda.layers.kv_quant import kv_row
+
+    for dtype in EIGHT_BIT:
+        assert isinstance(create_backend("auto", CPU, dtype)[0], CpuPagedBackend)
+        assert kv_row(dtype, 64) == 68
+    assert kv_row(torch.float16, 64) == 64
+
+
+@pytest.mark.parametrize("name, dtype", [("int8", torch.int8), ("fp8_e4m3", torch.float8_e4m3fn),
+                                         ("fp8_e5m2", torch.float8_e5m2)])
+def test_the_default_model_serves_from_an_8bit_cache(smollm_gguf, served_llm, name, dtype):
+    """--kv-cache-dtype int8 / fp8_*: the native stack runs on the 8-bit cache, which holds 1.88x the tokens of
+    fp16 in the same memory (68 bytes a row of 64 against 128), and every block comes back. (Quality against fp32:
+    BENCHMARKS.md, stop 21.)"""
+    from pagoda import LLM, SamplingParams
+
+    with LLM(str(smollm_gguf), kv_cache_dtype=name, kv_cache_memory="256MiB", progress=False) as llm:
+        engine = llm.engine
+        assert engine.runner.kv_caches[0].dtype == dtype and engine.runner.native_stack is not None
+        assert engine.plan.kv_bytes_per_token == 2 * 30 * 3 * 68 == 12240
+        fp16_tokens = served_llm.engine.kv_layout.num_tokens
+        assert engine.kv_layout.num_tokens == pytest.approx(fp16_tokens * 23040 / 12240, rel=0.01)
+        out = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=16,
+                                                                         ignore_eos=True))[0].outputs[0]
+        assert len(out.token_ids) == 16 and out.text.strip()
+        kv = engine.scheduler.kv_cache
+        assert kv.pool.num_free_blocks == kv.num_blocks

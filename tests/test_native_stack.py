@@ -167,6 +167,44 @@ def test_native_stack_reads_half_caches(tmp_path, kv_dtype):
         assert (a - b).norm() <= step * b.norm(), ((a - b).norm() / b.norm() / step).item()
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.int8, torch.float8_e4m3fn, torch.float8_e5m2],
+                         ids=["int8", "fp8_e4m3", "fp8_e5m2"])
+def test_native_stack_reads_8bit_caches(tmp_path, kv_dtype):
+    """8-bit caches (codes and a scale per row): the native stack's step gives the torch modules' hidden states
+    over the same kernels' attention, and the rows it writes decode to theirs within a code step."""
+    from pagoda.layers.kv_quant import CODE_MAX, dequantize_rows, quantize_rows
+
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(CONFIGS["llama"], dtype=torch.float32).save_pretrained(tmp_path)
+    h = Harness(hf_checkpoint(tmp_path), budget=48, kv_dtype=kv_dtype)
+    runner = h.runner
+    runner.backend = CpuPagedBackend()
+    to_q4(h.model, "int16")
+    stack, reason = native_stack.build(h.model, runner.kv_caches, runner.backend)
+    assert stack is not None and runner.kv_caches[0].dtype == kv_dtype, reason
+    head_dim = h.config.head_dim
+    layout, positions = paged_layout([(1, 30), (1, 3), (20, 20)], 16, seed=1)
+    gen = torch.Generator().manual_seed(1)
+    past = [quantize_rows(torch.randn(*c.shape[:-1], head_dim, generator=gen), kv_dtype) for c in runner.kv_caches]
+    ids = torch.randint(0, h.config.vocab_size, (22,), generator=gen)
+
+    def run(forward):
+        for cache, saved in zip(runner.kv_caches, past):
+            cache.view(torch.uint8).copy_(saved.view(torch.uint8))
+        md = runner.backend.build_metadata(layout, runner.windows)
+        with torch.inference_mode(), forward_context(ForwardContext(runner.backend, md, runner.kv_caches)):
+            hidden = forward(ids, torch.from_numpy(positions))
+        return hidden, [dequantize_rows(c.view(torch.uint8)[:, layout.slot_mapping].view(kv_dtype), head_dim)
+                        for c in runner.kv_caches]
+
+    native, native_kv = run(stack)
+    reference, reference_kv = run(h.model)
+    torch.testing.assert_close(native, reference, rtol=1e-3, atol=1e-3)
+    step = 1 / CODE_MAX[kv_dtype] if kv_dtype == torch.int8 else 2.0 ** -(3 if kv_dtype == torch.float8_e4m3fn else 2)
+    for a, b in zip(native_kv, reference_kv):
+        assert (a - b).norm() <= step * b.norm(), ((a - b).norm() / b.norm() / step).item()
+
+
 @pytest.mark.parametrize("chunk", [7, 100])
 def test_native_stack_hidden_states_and_cache_match_torch(harness, chunk):
     """One mixed step (two decodes after cached contexts, one chunk of 7 or 100 tokens): final hidden states and

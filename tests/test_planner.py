@@ -91,7 +91,9 @@ def test_bytes_per_parameter_by_precision(precision) -> None:
 
 
 @pytest.mark.parametrize("kv_dtype, torch_dtype", [("float32", torch.float32), ("float16", torch.float16),
-                                                   ("bfloat16", torch.bfloat16)])
+                                                   ("bfloat16", torch.bfloat16), ("int8", torch.int8),
+                                                   ("fp8_e4m3", torch.float8_e4m3fn),
+                                                   ("fp8_e5m2", torch.float8_e5m2)])
 def test_kv_bytes_per_token_are_the_engines(smollm_gguf, kv_dtype, torch_dtype) -> None:
     config, stored, _ = load_for_plan(str(smollm_gguf))
     p = plan(config, weights=stored, kv_cache_dtype=kv_dtype, context=2048, concurrency=3)

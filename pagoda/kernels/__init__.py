@@ -56,7 +56,7 @@ def host_isa() -> str:
 
 # The version of the kernels' C interface (signatures, shared structs). Bump it with any such change: a library
 # of another version is rebuilt.
-ABI_VERSION = 3
+ABI_VERSION = 4
 _MARKER = re.compile(rb"PAGODA_KERNEL\[target=([0-9a-f]+);abi=([0-9]+)\]")
 _target_cache: dict[str, str] = {}
 

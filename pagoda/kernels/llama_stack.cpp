@@ -17,7 +17,8 @@
 // place, single-threaded for small steps (it is tiny) and split over tokens for large ones; the matmuls and
 // attention fork OpenMP threads.
 //
-// Layouts: h, out [T, hidden] fp32 row-major; the KV cache of a layer is [2, num_slots, Hkv, D] fp32 or fp16; rotary
+// Layouts: h, out [T, hidden] fp32 row-major; the KV cache of a layer is [2, num_slots, Hkv, D] of its element
+// (paged_attention.cpp; 8-bit codes: rows of D + 4 bytes, the scale last); rotary
 // tables cos, sin [max_positions, D/2] (rotate-half layout). Every K dimension is a multiple of 32.
 
 #include "paged_attention.cpp"
@@ -43,13 +44,13 @@ struct Layer {
     const float* q_norm;  // per-head norms (Qwen3); null when absent
     const float* k_norm;
     QLinear qkv, o, gate_up, down;
-    void* kv_cache;  // [2, num_slots, Hkv, D] of Stack::kv_dtype
+    void* kv_cache;  // [2, num_slots, Hkv, row] of Stack::kv_dtype
     int64_t window;  // <= 0: full attention
 };
 
 struct Stack {
     int64_t num_layers, hidden, heads, kv_heads, head_dim, intermediate, num_slots;
-    int64_t kv_dtype;  // 0: fp32, 1: fp16, 2: bf16 (paged_attention.cpp)
+    int64_t kv_dtype;  // 0: fp32, 1: fp16, 2: bf16, 3: int8, 4: fp8 e4m3, 5: fp8 e5m2 (paged_attention.cpp)
     float eps, scale;
     const float* cos;
     const float* sin;
@@ -175,8 +176,8 @@ void attention(const Stack& S, const Layer& L, const Batch& B, float* qkv, float
         }
     }
     void* k_cache = L.kv_cache;
-    void* v_cache = static_cast<char*>(L.kv_cache) + S.num_slots * Hkv * D * (S.kv_dtype == 0 ? 4 : 2);
-    paged_cache_write(qkv + H * D, qkv_n, qkv + (H + Hkv) * D, qkv_n, B.slots, T, Hkv * D, k_cache, v_cache,
+    void* v_cache = static_cast<char*>(L.kv_cache) + S.num_slots * slot_bytes(S.kv_dtype, Hkv, D);
+    paged_cache_write(qkv + H * D, qkv_n, qkv + (H + Hkv) * D, qkv_n, B.slots, T, Hkv, D, k_cache, v_cache,
                       S.kv_dtype);
     if (B.num_decodes > 0)
         paged_attention_decode(qkv, qkv_n, out, H * D, k_cache, v_cache, S.kv_dtype, B.block_tables, B.table_stride,

@@ -1,5 +1,5 @@
-// Paged attention on the CPU: fp32 queries, fp32, fp16 or bf16 KV cache read in place through block tables
-// (AVX2 loops, or AVX-512 ones where the CPU has it; see PAGODA_AVX512).
+// Paged attention on the CPU: fp32 queries, an fp32, fp16, bf16, int8 or fp8 KV cache read in place through block
+// tables (AVX2 loops, or AVX-512 ones where the CPU has it; see PAGODA_AVX512).
 //
 // This file owns the native half of pagoda/layers/attention_cpu.py:
 //   paged_cache_write        copy the step's new k, v rows into their cache slots;
@@ -14,7 +14,8 @@
 //   q    [T, H, D]   token stride q_stride, heads packed (head stride D, element stride 1)
 //   out  [T, H, D]   token stride out_stride, heads packed
 //   k_cache, v_cache [num_slots, Hkv, D] contiguous, fp32, fp16 or bf16 (kv_dtype 0, 1 or 2: the kernels are
-//                    templates on the element); slot of position k = table[k / bs] * bs + k % bs
+//                    templates on the element), or [num_slots, Hkv, D + 4] bytes of 8-bit codes and each row's
+//                    fp32 scale (3 int8, 4 fp8 e4m3, 5 fp8 e5m2); slot of position k = table[k / bs] * bs + k % bs
 //   block_tables [B, table_stride] int64, context_lens [B] int64, query_start [B + 1] int64
 // A request's queries are its last n context positions [ctx - n, ctx); their k, v are already in the cache
 // (paged_cache_write runs first), so attention reads only the cache, never the step's k, v.
@@ -63,6 +64,49 @@ constexpr int TILE_ROWS = 32;     // target query rows (tokens x heads of a GQA 
 constexpr int MIN_RANGE = 64;     // fewest keys worth a work item of their own in split decode
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
+// KV cache elements: fp32, IEEE fp16 (_Float16, the bits of torch.float16) or bf16 (BF16, the bits of
+// torch.bfloat16: the high 16 bits of an fp32); or 8-bit codes with a scale per row (one token's one kv head):
+// int8 (I8), fp8 e4m3 (E4M3, torch.float8_e4m3fn) and fp8 e5m2 (E5M2, torch.float8_e5m2). A scaled row is D codes
+// and then the row's fp32 scale (4 bytes), value = code x scale; the codes use the range (amax / 127, 448, 57344).
+// Arithmetic is fp32: the loads widen codes, and the row's scale multiplies its score (q . k) and its weight (p v).
+struct BF16 {
+    uint16_t bits;
+};
+struct I8 {
+    int8_t v;
+};
+struct E4M3 {
+    uint8_t v;
+};
+struct E5M2 {
+    uint8_t v;
+};
+
+template <typename KV>
+constexpr bool scaled_kv() {
+    return std::is_same_v<KV, I8> || std::is_same_v<KV, E4M3> || std::is_same_v<KV, E5M2>;
+}
+
+// Elements of one row (a token's kv head) in the cache: D, and the 4 bytes of the scale for 8-bit codes.
+template <typename KV>
+constexpr i64 row_len(i64 head_dim) {
+    return scaled_kv<KV>() ? head_dim + 4 : head_dim;
+}
+
+// e4m3 codes are widened as fp16 numbers 2^-8 of their value (the exponent bias differs by 8), so their rows'
+// factor carries the 256.
+template <typename KV>
+inline float row_factor(const KV* row, i64 head_dim) {
+    if constexpr (scaled_kv<KV>()) {
+        float scale;
+        std::memcpy(&scale, reinterpret_cast<const char*>(row + head_dim), sizeof scale);
+        return std::is_same_v<KV, E4M3> ? scale * 256.0f : scale;
+    } else {
+        (void)row, (void)head_dim;
+        return 1.0f;
+    }
+}
+
 template <typename KV>
 struct Problem {
     const float* q;
@@ -79,7 +123,8 @@ struct Problem {
     float scale;
 
     i64 group() const { return num_heads / num_kv_heads; }
-    i64 slot_stride() const { return num_kv_heads * head_dim; }
+    i64 row() const { return row_len<KV>(head_dim); }
+    i64 slot_stride() const { return num_kv_heads * row(); }
 };
 
 // Per-thread buffers, sized for the largest tile the call can produce.
@@ -92,12 +137,6 @@ struct Scratch {
     std::vector<const KV*> kslots, vslots;  // [2][KT]: this segment's cache slots and the next one's
     Scratch(i64 rows, i64 dim)
         : scores(rows * KT), acc(rows * dim), m(rows), l(rows), qrows(rows), kslots(2 * KT), vslots(2 * KT) {}
-};
-
-// KV cache elements: fp32, IEEE fp16 (_Float16, the bits of torch.float16) or bf16 (BF16, the bits of
-// torch.bfloat16: the high 16 bits of an fp32). Arithmetic is fp32.
-struct BF16 {
-    uint16_t bits;
 };
 
 // ---- vector primitives --------------------------------------------------------------------------------------
@@ -143,11 +182,33 @@ inline float hsum(__m256 a) {
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const _Float16* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 inline __m256 load8(const BF16* p) { return pagoda_bf16::load8(&p->bits); }
+inline __m256 load8(const I8* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline __m256 load8(const E5M2* p) {  // an e5m2 code is the high byte of the fp16 of the same value
+    return _mm256_cvtph_ps(_mm_slli_epi16(_mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))), 8));
+}
+inline __m256 load8(const E4M3* p) {  // sign to bit 15, exponent and mantissa to bits 7-13: an fp16 of value / 256
+    const __m128i u = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    const __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(u, _mm_set1_epi16(0x80)), 8),
+                                   _mm_slli_epi16(_mm_and_si128(u, _mm_set1_epi16(0x7f)), 7));
+    return _mm256_cvtph_ps(h);
+}
 #endif
 
 inline float to_f32(float x) { return x; }
 inline float to_f32(_Float16 x) { return static_cast<float>(x); }
 inline float to_f32(BF16 x) { return pagoda_bf16::to_f32(x.bits); }
+inline float to_f32(I8 x) { return static_cast<float>(x.v); }
+inline float half_bits_to_f32(uint16_t bits) {
+    _Float16 h;
+    std::memcpy(&h, &bits, sizeof h);
+    return static_cast<float>(h);
+}
+inline float to_f32(E5M2 x) { return half_bits_to_f32(static_cast<uint16_t>(x.v << 8)); }
+inline float to_f32(E4M3 x) {  // value / 256, as load8 (row_factor carries the 256)
+    return half_bits_to_f32(static_cast<uint16_t>(((x.v & 0x80) << 8) | ((x.v & 0x7f) << 7)));
+}
 
 template <typename KV>
 inline float dot(const float* a, const KV* b, i64 n) {
@@ -239,6 +300,19 @@ inline __m512 load16(const _Float16* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 inline __m512 load16(const BF16* p) { return pagoda_bf16::load16(&p->bits); }
+inline __m512 load16(const I8* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline __m512 load16(const E5M2* p) {
+    return _mm512_cvtph_ps(
+        _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 8));
+}
+inline __m512 load16(const E4M3* p) {
+    const __m256i u = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(u, _mm256_set1_epi16(0x80)), 8),
+                                      _mm256_slli_epi16(_mm256_and_si256(u, _mm256_set1_epi16(0x7f)), 7));
+    return _mm512_cvtph_ps(h);
+}
 
 // The two 8-lane halves of a summed: hsum4 of the results gives the 16-lane sums.
 inline __m256 fold(__m512 a) {
@@ -342,10 +416,27 @@ inline void by_row_blocks(i64 R, Block&& block) {
 }
 #endif
 
-// scores[r][j] = scale * q_r . k_j for rows [0, R) and keys [0, n); key j's row starts at krows[j] + off.
+template <typename KV>
+void qk_scores_raw(const float* const* qrows, i64 R, const KV* const* krows, i64 off, int n, i64 D, float scale,
+                   float* scores);
+
+// scores[r][j] = scale * q_r . k_j for rows [0, R) and keys [0, n); key j's row starts at krows[j] + off. A scaled
+// cache's codes are dotted as they are, and each key's row factor multiplies its scores.
 template <typename KV>
 void qk_scores(const float* const* qrows, i64 R, const KV* const* krows, i64 off, int n, i64 D, float scale,
                float* scores) {
+    qk_scores_raw(qrows, R, krows, off, n, D, scale, scores);
+    if constexpr (scaled_kv<KV>()) {
+        for (int j = 0; j < n; ++j) {
+            const float f = row_factor(krows[j] + off, D);
+            for (i64 r = 0; r < R; ++r) scores[r * KT + j] *= f;
+        }
+    }
+}
+
+template <typename KV>
+void qk_scores_raw(const float* const* qrows, i64 R, const KV* const* krows, i64 off, int n, i64 D, float scale,
+                   float* scores) {
     i64 r = 0;
 #if PAGODA_AVX512
     if (D % 16 == 0) {
@@ -364,9 +455,28 @@ void qk_scores(const float* const* qrows, i64 R, const KV* const* krows, i64 off
 #endif
 }
 
-// acc[r] += sum_j probs[r][j] * v_j for rows [0, R) and keys [0, n); key j's row starts at vrows[j] + off.
+template <typename KV>
+void pv_accumulate_raw(const float* probs, i64 R, const KV* const* vrows, i64 off, int n, i64 D, float* acc);
+
+// acc[r] += sum_j probs[r][j] * v_j for rows [0, R) and keys [0, n); key j's row starts at vrows[j] + off. A scaled
+// cache's row factors multiply the weights (a copy: the probabilities themselves stay as they are).
 template <typename KV>
 void pv_accumulate(const float* probs, i64 R, const KV* const* vrows, i64 off, int n, i64 D, float* acc) {
+    if constexpr (scaled_kv<KV>()) {
+        static thread_local std::vector<float> weighted;
+        if (static_cast<i64>(weighted.size()) < R * KT) weighted.resize(R * KT);
+        float f[KT];
+        for (int j = 0; j < n; ++j) f[j] = row_factor(vrows[j] + off, D);
+        for (i64 r = 0; r < R; ++r)
+            for (int j = 0; j < n; ++j) weighted[r * KT + j] = probs[r * KT + j] * f[j];
+        pv_accumulate_raw(weighted.data(), R, vrows, off, n, D, acc);
+    } else {
+        pv_accumulate_raw(probs, R, vrows, off, n, D, acc);
+    }
+}
+
+template <typename KV>
+void pv_accumulate_raw(const float* probs, i64 R, const KV* const* vrows, i64 off, int n, i64 D, float* acc) {
     i64 r = 0;
 #if PAGODA_AVX512
     if (D % 16 == 0) {
@@ -487,7 +597,7 @@ inline void pad_scores(float* scores, i64 R, int n) {
 // positions [pos0, pos0 + n_q), all G query heads of the group.
 template <typename KV>
 void attend_rows(const Problem<KV>& P, Scratch<KV>& S, i64 req, i64 g, i64 tok0, i64 pos0, i64 n_q) {
-    const i64 G = P.group(), D = P.head_dim, off = g * D;
+    const i64 G = P.group(), D = P.head_dim, off = g * P.row();
     const i64 R = n_q * G;  // row r: query token r / G, head g * G + r % G
     const i64* table = P.block_tables + req * P.table_stride;
     for (i64 r = 0; r < R; ++r) {
@@ -506,7 +616,7 @@ void attend_rows(const Problem<KV>& P, Scratch<KV>& S, i64 req, i64 g, i64 tok0,
     for (i64 k0 = key_begin; k0 < key_end; k0 += KT) {
         const KV** next_k = kslots == S.kslots.data() ? kslots + KT : S.kslots.data();
         const KV** next_v = vslots == S.vslots.data() ? vslots + KT : S.vslots.data();
-        const int n = step_segment(P, table, k0, key_end, off, D, vslots, next_k, next_v);
+        const int n = step_segment(P, table, k0, key_end, off, P.row(), vslots, next_k, next_v);
         qk_scores(S.qrows.data(), R, kslots, off, n, D, P.scale, S.scores.data());
         // Masking: the whole segment is allowed for every row unless it reaches past the tile's first position
         // (causal) or starts before the last position's window.
@@ -563,11 +673,11 @@ void attend_decode_range(const Problem<KV>& P, Scratch<KV>& S, i64 req, i64 key_
         const KV** next_v = vslots == S.vslots.data() ? vslots + KT : S.vslots.data();
         const int n = step_segment(P, table, k0, key_hi, 0, slot, vslots, next_k, next_v);  // whole slots
         for (i64 g = 0; g < P.num_kv_heads; ++g)
-            qk_scores(S.qrows.data() + g * G, G, kslots, g * D, n, D, P.scale, S.scores.data() + g * G * KT);
+            qk_scores(S.qrows.data() + g * G, G, kslots, g * P.row(), n, D, P.scale, S.scores.data() + g * G * KT);
         pad_scores(S.scores.data(), H, n);  // a decode query may attend every key of its range
         for (i64 h = 0; h < H; ++h) softmax_step(S.scores.data() + h * KT, m[h], l[h], acc + h * D, D);
         for (i64 g = 0; g < P.num_kv_heads; ++g)
-            pv_accumulate(S.scores.data() + g * G * KT, G, vslots, g * D, n, D, acc + g * G * D);
+            pv_accumulate(S.scores.data() + g * G * KT, G, vslots, g * P.row(), n, D, acc + g * G * D);
         kslots = next_k;
         vslots = next_v;
     }
@@ -612,12 +722,65 @@ inline void store_row(BF16* dst, const float* src, i64 n) {
     for (; d < n; ++d) dst[d] = to_bf16(src[d]);
 }
 
+// 8-bit codes, rounded to nearest even as torch's .round() / .to(torch.float8_*) (the reference backend's), for
+// |x| within the code's range (the row's scale puts it there; larger values saturate).
+inline I8 to_code(float x, I8*) { return I8{static_cast<int8_t>(std::clamp(std::nearbyint(x), -127.0f, 127.0f))}; }
+// A minifloat with `man` mantissa bits and exponent bias `bias`, `max_code` its largest finite magnitude.
+inline uint8_t minifloat(float x, int man, int bias, uint8_t max_code) {
+    uint32_t bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    const uint8_t sign = (bits >> 24) & 0x80;
+    const float a = std::fabs(x);
+    const float min_normal = std::ldexp(1.0f, 1 - bias);
+    uint32_t code;
+    if (a < min_normal) {  // subnormal: units of 2^(1 - bias - man), exact scaling, then round half to even
+        code = static_cast<uint32_t>(std::nearbyint(std::ldexp(a, bias - 1 + man)));
+    } else {
+        std::memcpy(&bits, &a, sizeof bits);
+        int e = static_cast<int>(bits >> 23) - 127;
+        const int drop = 23 - man;
+        uint32_t m = bits & 0x7fffff;
+        m = (m + ((1u << (drop - 1)) - 1) + ((m >> drop) & 1)) >> drop;
+        if (m == (1u << man)) {
+            m = 0;
+            ++e;
+        }
+        code = (static_cast<uint32_t>(e + bias) << man) | m;
+    }
+    return sign | static_cast<uint8_t>(std::min<uint32_t>(code, max_code));
+}
+inline E4M3 to_code(float x, E4M3*) { return E4M3{minifloat(x, 3, 7, 0x7e)}; }
+inline E5M2 to_code(float x, E5M2*) { return E5M2{minifloat(x, 2, 15, 0x7b)}; }
+template <typename KV>
+constexpr float code_max() {
+    return std::is_same_v<KV, I8> ? 127.0f : std::is_same_v<KV, E4M3> ? 448.0f : 57344.0f;
+}
+
+// One scaled row: scale = max|x| / code_max (0 for a zero row, whose codes are 0), codes of x / scale, the scale.
+template <typename KV>
+void store_scaled_row(KV* dst, const float* src, i64 D) {
+    float amax = 0.0f;
+    for (i64 d = 0; d < D; ++d) amax = std::max(amax, std::fabs(src[d]));
+    const float scale = amax / code_max<KV>();
+    for (i64 d = 0; d < D; ++d) dst[d] = scale > 0.0f ? to_code(src[d] / scale, static_cast<KV*>(nullptr)) : KV{0};
+    std::memcpy(reinterpret_cast<char*>(dst + D), &scale, sizeof scale);
+}
+
+// Token t's rows (Hkv kv heads of D values, contiguous in k and v) into slot slots[t] of each cache.
 template <typename KV>
 void cache_write(const float* k, i64 k_stride, const float* v, i64 v_stride, const i64* slots, i64 num_tokens,
-                 i64 row, KV* k_cache, KV* v_cache) {
+                 i64 kv_heads, i64 D, KV* k_cache, KV* v_cache) {
+    const i64 row = row_len<KV>(D), slot = kv_heads * row;
     for (i64 t = 0; t < num_tokens; ++t) {
-        store_row(k_cache + slots[t] * row, k + t * k_stride, row);
-        store_row(v_cache + slots[t] * row, v + t * v_stride, row);
+        if constexpr (scaled_kv<KV>()) {
+            for (i64 h = 0; h < kv_heads; ++h) {
+                store_scaled_row(k_cache + slots[t] * slot + h * row, k + t * k_stride + h * D, D);
+                store_scaled_row(v_cache + slots[t] * slot + h * row, v + t * v_stride + h * D, D);
+            }
+        } else {
+            store_row(k_cache + slots[t] * slot, k + t * k_stride, slot);
+            store_row(v_cache + slots[t] * slot, v + t * v_stride, slot);
+        }
     }
 }
 
@@ -713,15 +876,28 @@ void prefill(const Problem<KV>& P, const i64* query_start, i64 first, i64 last, 
     }
 }
 
-// Calls f with a null pointer of the cache's element type (kv_dtype: 0 fp32, 1 fp16, 2 bf16).
+// Calls f with a null pointer of the cache's element type (kv_dtype: 0 fp32, 1 fp16, 2 bf16, 3 int8, 4 fp8 e4m3,
+// 5 fp8 e5m2).
 template <typename F>
 void with_kv_type(int64_t kv_dtype, F&& f) {
-    if (kv_dtype == 1)
-        f(static_cast<_Float16*>(nullptr));
-    else if (kv_dtype == 2)
-        f(static_cast<BF16*>(nullptr));
-    else
-        f(static_cast<float*>(nullptr));
+    switch (kv_dtype) {
+        case 1: f(static_cast<_Float16*>(nullptr)); break;
+        case 2: f(static_cast<BF16*>(nullptr)); break;
+        case 3: f(static_cast<I8*>(nullptr)); break;
+        case 4: f(static_cast<E4M3*>(nullptr)); break;
+        case 5: f(static_cast<E5M2*>(nullptr)); break;
+        default: f(static_cast<float*>(nullptr)); break;
+    }
+}
+
+// Bytes of one cache slot (a token's kv_heads rows) of kv_dtype.
+int64_t slot_bytes(int64_t kv_dtype, int64_t kv_heads, int64_t head_dim) {
+    int64_t bytes = 0;
+    with_kv_type(kv_dtype, [&](auto* tag) {
+        using KV = std::remove_pointer_t<decltype(tag)>;
+        bytes = kv_heads * row_len<KV>(head_dim) * static_cast<int64_t>(sizeof(KV));
+    });
+    return bytes;
 }
 
 }  // namespace
@@ -731,13 +907,15 @@ extern "C" {
 // The vector width the attention loops were built with: "avx512", "avx2" or "scalar".
 const char* paged_attention_variant() { return PAGODA_AVX512 ? "avx512" : PAGODA_AVX2 ? "avx2" : "scalar"; }
 
-// k_cache[slots[t]] = k[t], v_cache[slots[t]] = v[t] for t in [0, T); a row is Hkv * D elements, contiguous in
-// k and v (fp32, token strides k_stride, v_stride) and in the caches (kv_dtype: 0 fp32, 1 fp16, 2 bf16).
+// k_cache[slots[t]] = k[t], v_cache[slots[t]] = v[t] for t in [0, T): Hkv rows of D values, contiguous in k and v
+// (fp32, token strides k_stride, v_stride), stored as the cache's element (kv_dtype: see with_kv_type; 8-bit codes
+// with their row's scale after them).
 void paged_cache_write(const float* k, int64_t k_stride, const float* v, int64_t v_stride, const int64_t* slots,
-                       int64_t num_tokens, int64_t row, void* k_cache, void* v_cache, int64_t kv_dtype) {
+                       int64_t num_tokens, int64_t kv_heads, int64_t head_dim, void* k_cache, void* v_cache,
+                       int64_t kv_dtype) {
     with_kv_type(kv_dtype, [&](auto* tag) {
         using KV = std::remove_pointer_t<decltype(tag)>;
-        cache_write(k, k_stride, v, v_stride, slots, num_tokens, row, static_cast<KV*>(k_cache),
+        cache_write(k, k_stride, v, v_stride, slots, num_tokens, kv_heads, head_dim, static_cast<KV*>(k_cache),
                     static_cast<KV*>(v_cache));
     });
 }

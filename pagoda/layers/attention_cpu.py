@@ -5,8 +5,9 @@ addresses, built once per step and shared by every layer) and the per-layer call
 then decode and prefill attention read the context in place through the block tables, with no gather).
 Semantics are the reference backend's (attention_reference.py), which is the oracle in the tests.
 
-The kernel computes in fp32 over an fp32, fp16 or bf16 KV cache (KV_DTYPES; fp16 and bf16 rows are widened on
-load, new rows rounded to nearest even, as torch's .to(torch.float16) and .to(torch.bfloat16)). q, k, v of
+The kernel computes in fp32 over an fp32, fp16, bf16, int8 or fp8 KV cache (KV_DTYPES; fp16 and bf16 rows are
+widened on load, new rows rounded to nearest even, as torch's .to(torch.float16) and .to(torch.bfloat16); 8-bit
+rows carry their scale, layers/kv_quant.py, whose codes the kernel reproduces). q, k, v of
 another dtype are converted to fp32 (and the output back); a cache of another dtype is not supported here:
 attention_select.py picks the reference backend for it.
 """
@@ -21,14 +22,16 @@ import torch
 
 from pagoda import kernels
 from pagoda.layers.attention import Attention, AttentionBackend, BatchLayout
+from pagoda.layers.kv_quant import kv_row
 
 _P, _I64, _F32, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 # KV cache dtypes the kernel reads, and the code it knows each by.
-KV_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+KV_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3, torch.float8_e4m3fn: 4,
+             torch.float8_e5m2: 5}
 
 _ARGTYPES = {
-    # k, k_stride, v, v_stride, slots, num_tokens, row, k_cache, v_cache, kv_dtype
-    "paged_cache_write": [_P, _I64, _P, _I64, _P, _I64, _I64, _P, _P, _I64],
+    # k, k_stride, v, v_stride, slots, num_tokens, kv_heads, head_dim, k_cache, v_cache, kv_dtype
+    "paged_cache_write": [_P, _I64, _P, _I64, _P, _I64, _I64, _I64, _P, _P, _I64],
     # q, q_stride, out, out_stride, k_cache, v_cache, kv_dtype, block_tables, table_stride, context_lens,
     # num_seqs, num_heads, num_kv_heads, head_dim, block_size, window, scale, num_threads
     "paged_attention_decode": [_P, _I64, _P, _I64, _P, _P, _I64, _P, _I64, _P, _I64, _I64, _I64, _I64, _I64, _I64,
@@ -105,15 +108,15 @@ class CpuPagedBackend(AttentionBackend):
 
     def forward(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, md: CpuMetadata) -> torch.Tensor:
-        # The kernel indexes the cache as [2, num_slots, Hkv, D], densely packed: check before touching it.
+        # The kernel indexes the cache as [2, num_slots, Hkv, row], densely packed: check before touching it.
         if kv_cache.dtype not in KV_DTYPES or not kv_cache.is_contiguous() or not kv_cache.is_cpu:
-            raise ValueError(f"the cpu attention backend needs a contiguous fp32, fp16 or bf16 KV cache in CPU memory, "
-                             f"got {kv_cache.dtype} on {kv_cache.device}")
+            raise ValueError(f"the cpu attention backend needs a contiguous fp32, fp16, bf16, int8 or fp8 KV cache in "
+                             f"CPU memory, got {kv_cache.dtype} on {kv_cache.device}")
         out_dtype = q.dtype
         q, k, v = _fp32_rows(q), _fp32_rows(k), _fp32_rows(v)
         num_tokens, num_heads, head_dim = q.shape
         num_kv_heads = k.shape[1]
-        if num_tokens != md.num_tokens or kv_cache.shape[2:] != (num_kv_heads, head_dim):
+        if num_tokens != md.num_tokens or kv_cache.shape[2:] != (num_kv_heads, kv_row(kv_cache.dtype, head_dim)):
             raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)} and the KV cache {tuple(kv_cache.shape)} "
                              f"do not match the step ({md.num_tokens} tokens)")
         lib = self.lib
@@ -121,7 +124,7 @@ class CpuPagedBackend(AttentionBackend):
         k_cache = kv_cache.data_ptr()
         v_cache = k_cache + kv_cache.stride(0) * kv_cache.element_size()
         lib.paged_cache_write(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), md.slots_ptr, num_tokens,
-                              num_kv_heads * head_dim, k_cache, v_cache, kv_dtype)
+                              num_kv_heads, head_dim, k_cache, v_cache, kv_dtype)
         out = torch.empty(num_tokens, num_heads, head_dim, dtype=torch.float32)
         window = layer.sliding_window or 0
         row = num_heads * head_dim

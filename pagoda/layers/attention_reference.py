@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pagoda.layers.attention import Attention, AttentionBackend, BatchLayout
+from pagoda.layers.kv_quant import CODE_MAX, dequantize_rows, quantize_rows
 
 
 @dataclass
@@ -82,15 +83,17 @@ class ReferenceBackend(AttentionBackend):
     def forward(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, md: ReferenceMetadata) -> torch.Tensor:
         k_cache, v_cache = kv_cache[0], kv_cache[1]
-        k_cache.index_copy_(0, md.slot_mapping, k.to(k_cache.dtype))
-        v_cache.index_copy_(0, md.slot_mapping, v.to(v_cache.dtype))
+        store, load = _cache_codec(k_cache.dtype, layer.head_dim, q.dtype)
+        # through uint8 views: index_copy_ and indexing have no CPU kernels for the fp8 dtypes
+        k_cache.view(torch.uint8).index_copy_(0, md.slot_mapping, store(k).view(torch.uint8))
+        v_cache.view(torch.uint8).index_copy_(0, md.slot_mapping, store(v).view(torch.uint8))
         num_tokens = q.shape[0]
         out = q.new_empty(num_tokens, layer.num_heads, layer.head_dim)
         window = layer.sliding_window
         nd = md.num_decodes
         if nd:
-            keys = k_cache[md.decode_slots].transpose(1, 2).to(q.dtype)  # [Bd, Hkv, L, D]
-            values = v_cache[md.decode_slots].transpose(1, 2).to(q.dtype)
+            keys = load(k_cache, md.decode_slots).transpose(1, 2)  # [Bd, Hkv, L, D]
+            values = load(v_cache, md.decode_slots).transpose(1, 2)
             o = F.scaled_dot_product_attention(q[:nd].unsqueeze(2), keys, values, attn_mask=md.decode_masks[window],
                                                scale=layer.scale, enable_gqa=True)
             out[:nd] = o.squeeze(2)
@@ -99,11 +102,37 @@ class ReferenceBackend(AttentionBackend):
             if span.slots is None:
                 keys, values = k[span.q_start:span.q_end], v[span.q_start:span.q_end]
                 if k_cache.dtype != k.dtype:  # attend to what the cache holds, as a later chunk would
-                    keys, values = keys.to(k_cache.dtype).to(q.dtype), values.to(v_cache.dtype).to(q.dtype)
+                    keys, values = _round_trip(store, keys, q.dtype), _round_trip(store, values, q.dtype)
             else:
-                keys, values = k_cache[span.slots].to(q.dtype), v_cache[span.slots].to(q.dtype)
+                keys, values = load(k_cache, span.slots), load(v_cache, span.slots)
             mask = span.masks[window]
             o = F.scaled_dot_product_attention(qs, keys.transpose(0, 1), values.transpose(0, 1), attn_mask=mask,
                                                is_causal=mask is None, scale=layer.scale, enable_gqa=True)
             out[span.q_start:span.q_end] = o.transpose(0, 1)
         return out.view(num_tokens, layer.num_heads * layer.head_dim)
+
+
+def _cache_codec(cache_dtype: torch.dtype, head_dim: int, compute_dtype: torch.dtype):
+    """(store: k or v [T, Hkv, D] -> cache rows, load: (cache, slots) -> [..., Hkv, D] in compute_dtype)."""
+    if cache_dtype in CODE_MAX:  # 8-bit codes and a scale per row (layers/kv_quant.py)
+        def store(x: torch.Tensor) -> torch.Tensor:
+            return quantize_rows(x, cache_dtype)
+
+        def load(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+            rows = cache.view(torch.uint8)[slots].view(cache_dtype)
+            return dequantize_rows(rows, head_dim).to(compute_dtype)
+    else:
+        def store(x: torch.Tensor) -> torch.Tensor:
+            return x.to(cache_dtype)
+
+        def load(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+            return cache[slots].to(compute_dtype)
+    return store, load
+
+
+def _round_trip(store, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as the cache gives it back."""
+    rows = store(x)
+    if rows.dtype in CODE_MAX:
+        return dequantize_rows(rows, x.shape[-1]).to(dtype)
+    return rows.to(dtype)

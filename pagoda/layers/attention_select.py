@@ -1,6 +1,6 @@
 """Chooses the attention backend of an engine: the native CPU kernel or the torch reference.
 
-"auto" takes the CPU kernel when it can run (CPU device, fp32, fp16 or bf16 KV cache, the kernel compiles) and
+"auto" takes the CPU kernel when it can run (CPU device, a KV cache of a dtype it reads, the kernel compiles) and
 the reference otherwise; "cpu" requires the kernel and fails loudly when it cannot run; "reference" is always available.
 The choice and its reason go into the execution plan (execution_plan.py).
 """

@@ -13,7 +13,7 @@ rounding order (tests/test_native_stack.py) when they run the same kernels.
 
 It applies when every piece has a native twin: Llama-layout layers (SiLU MLP, no projection bias, optional
 Qwen3 head norms), quantized linear layers (int8 or q4 with K a multiple of 32, or a bf16 model's Bf16Linear),
-rotate-half rotary, the native attention backend and an fp32, fp16 or bf16 KV cache. `unsupported_reason` says why not
+rotate-half rotary, the native attention backend and a KV cache the kernels read. `unsupported_reason` says why not
 otherwise, and the model keeps running on torch.
 
 On a tensor-parallel rank it runs that rank's shard (its heads, its MLP slice) and sums the o / down projections
@@ -98,7 +98,7 @@ def unsupported_reason(model: nn.Module, kv_caches: list[torch.Tensor], backend)
     if not isinstance(backend, CpuPagedBackend):
         return "the attention backend is not the native one"
     if any(c.dtype not in KV_DTYPES or not c.is_contiguous() or not c.is_cpu for c in kv_caches):
-        return "the KV cache is not fp32, fp16 or bf16 in CPU memory"
+        return "the KV cache is not of a dtype the kernels read (fp32, fp16, bf16, int8, fp8), in CPU memory"
     config = model.config
     if config.hidden_act != "silu" or config.attention_bias:
         return "the MLP is not SiLU-gated or the attention projections have a bias"

@@ -21,9 +21,11 @@ import torch
 import torch.distributed as dist
 
 from pagoda.config import CacheConfig, ModelConfig
+from pagoda.layers.kv_quant import kv_row
 from pagoda.parallel.layout import ParallelConfig, RankLayout, partition_heads, rank_layout
 
-KV_CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+KV_CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                   "int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
 def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -54,7 +56,7 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype, layout: RankLayo
     """Keys and values of one token across a rank's layers (all layers without a layout)."""
     element = torch.empty((), dtype=dtype).element_size()
     layers, kv_heads = kv_shape(config, layout)
-    return 2 * layers * kv_heads * config.head_dim * element
+    return 2 * layers * kv_heads * kv_row(dtype, config.head_dim) * element
 
 
 @dataclass(frozen=True)
@@ -159,16 +161,17 @@ def plan_kv_cache(config: ModelConfig, cache: CacheConfig, dtype: torch.dtype,
 
 def allocate_kv_cache(layout: KVCacheLayout, config: ModelConfig, dtype: torch.dtype,
                       device: torch.device, rank: RankLayout | None = None) -> list[torch.Tensor]:
-    """Zeroed (masked slots must hold finite values), shaped [2, num_slots, Hkv, D] per layer of the rank.
+    """Zeroed (masked slots must hold finite values), shaped [2, num_slots, Hkv, row] per layer of the rank (row: D,
+    or D + 4 for an 8-bit cache, see kv_row).
 
     On the CPU the memory is an anonymous mapping: the kernel hands out zero pages and commits each one when it is
     first written, so memory is taken as blocks are used, not at start-up."""
     layers, kv_heads = kv_shape(config, rank)
-    shape = (layers, 2, layout.num_tokens, kv_heads, config.head_dim)
+    shape = (layers, 2, layout.num_tokens, kv_heads, kv_row(dtype, config.head_dim))
     if device.type != "cpu":
         return list(torch.zeros(shape, dtype=dtype, device=device).unbind(0))
     element = torch.empty((), dtype=dtype).element_size()
-    count = layers * 2 * layout.num_tokens * kv_heads * config.head_dim
+    count = layers * 2 * layout.num_tokens * kv_heads * shape[-1]
     pages = mmap.mmap(-1, max(1, count * element), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     cache = torch.frombuffer(pages, dtype=dtype, count=count).view(shape)  # the tensor keeps the mapping alive
     return list(cache.unbind(0))
