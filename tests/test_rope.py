@@ -174,3 +174,28 @@ def test_a_128k_token_prompt_completes(tmp_path) -> None:
         assert len(out[0].prompt_token_ids) == 131000 and len(out[0].outputs[0].token_ids) == 8
         kv = llm.engine.scheduler.kv_cache
         assert kv.pool.num_free_blocks == kv.num_blocks
+
+
+def test_greedy_tokens_equal_transformers_at_32k(tmp_path) -> None:
+    """A tiny Qwen3 with Qwen's yarn recipe (4096 x 8): a 32000-token prompt prefilled in chunks, then decoded,
+    gives transformers' greedy tokens (fp32 weights and cache)."""
+    from pagoda import LLM, SamplingParams
+    from tests.tiny_models import save_tiny_model
+
+    config = transformers.Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                                      max_position_embeddings=4096, initializer_range=0.2,
+                                      rope_parameters={"rope_type": "yarn", "factor": 8.0, "rope_theta": 1e6,
+                                                       "original_max_position_embeddings": 4096})
+    directory = save_tiny_model(tmp_path, config)
+    rng = torch.Generator().manual_seed(3)
+    prompt = (torch.randint(1, 128, (32000,), generator=rng)).tolist()  # no 0: generate() masks pad_token_id 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with LLM(str(directory), dtype="float32", quantization=None, kv_cache_dtype="float32", max_model_len=32768,
+             max_num_seqs=1, max_prefill_tokens=4096, progress=False) as llm:
+        out = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(temperature=0, max_tokens=6,
+                                                                          ignore_eos=True))
+    assert out[0].outputs[0].token_ids == expected[0, len(prompt):].tolist()
