@@ -132,20 +132,26 @@ def test_native_stack_generates_the_torch_tokens(harness):
     assert native == torch_path
 
 
+def _stack_over_cache(tmp_path, kv_dtype):
+    """A tiny Llama with q4 layers on the native CPU backend, its KV cache of kv_dtype, and its native stack."""
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(CONFIGS["llama"], dtype=torch.float32).save_pretrained(tmp_path)
+    h = Harness(hf_checkpoint(tmp_path), budget=48, kv_dtype=kv_dtype)
+    h.runner.backend = CpuPagedBackend()
+    to_q4(h.model, "int16")
+    stack, reason = native_stack.build(h.model, h.runner.kv_caches, h.runner.backend)
+    assert stack is not None and h.runner.kv_caches[0].dtype == kv_dtype, reason
+    return h, stack
+
+
 @pytest.mark.parametrize("kv_dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_native_stack_reads_half_caches(tmp_path, kv_dtype):
     """fp16 and bf16 KV caches: one mixed step (two decodes over a random cached past, a 20-token prompt) gives
     the torch modules' hidden states, and the rows it writes differ from theirs by less than one rounding step
     of the cache's type in norm (an fp32-rounding difference upstream can move a value across a rounding
     boundary, and later layers amplify it)."""
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(CONFIGS["llama"], dtype=torch.float32).save_pretrained(tmp_path)
-    h = Harness(hf_checkpoint(tmp_path), budget=48, kv_dtype=kv_dtype)
+    h, stack = _stack_over_cache(tmp_path, kv_dtype)
     runner = h.runner
-    runner.backend = CpuPagedBackend()
-    to_q4(h.model, "int16")
-    stack, reason = native_stack.build(h.model, runner.kv_caches, runner.backend)
-    assert stack is not None and runner.kv_caches[0].dtype == kv_dtype, reason
     layout, positions = paged_layout([(1, 30), (1, 3), (20, 20)], 16, seed=1)
     gen = torch.Generator().manual_seed(1)
     past = [torch.randn(c.shape, generator=gen).to(kv_dtype) for c in runner.kv_caches]
@@ -174,14 +180,8 @@ def test_native_stack_reads_8bit_caches(tmp_path, kv_dtype):
     over the same kernels' attention, and the rows it writes decode to theirs within a code step."""
     from pagoda.layers.kv_quant import CODE_MAX, dequantize_rows, quantize_rows
 
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(CONFIGS["llama"], dtype=torch.float32).save_pretrained(tmp_path)
-    h = Harness(hf_checkpoint(tmp_path), budget=48, kv_dtype=kv_dtype)
+    h, stack = _stack_over_cache(tmp_path, kv_dtype)
     runner = h.runner
-    runner.backend = CpuPagedBackend()
-    to_q4(h.model, "int16")
-    stack, reason = native_stack.build(h.model, runner.kv_caches, runner.backend)
-    assert stack is not None and runner.kv_caches[0].dtype == kv_dtype, reason
     head_dim = h.config.head_dim
     layout, positions = paged_layout([(1, 30), (1, 3), (20, 20)], 16, seed=1)
     gen = torch.Generator().manual_seed(1)
