@@ -35,13 +35,16 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default="auto",
                    choices=("auto", "float32", "float16", "bfloat16", "int8", "fp8_e4m3", "fp8_e5m2"),
                    help="element type of the KV cache; auto (default): float16 for a float32 model on the CPU "
-                        "(half the memory traffic of decode attention), else the model's dtype")
+                        "(half the memory traffic of decode attention), else the model's dtype; int8, fp8_e4m3, "
+                        "fp8_e5m2: 8-bit codes with a scale per row, 1.88x the tokens of float16 and faster decode "
+                        "attention, outputs further from fp32 (int8 the closest)")
     p.add_argument("--kernel-plan", default="kernel", metavar="kernel|auto|bf16:N",
                    help="the path of the quantized linear layers by rows per call: kernel (default): the compiled "
                         "kernels, every output row bit-identical whatever else is in the batch; auto: times the "
-                        "kernels against bf16 GEMMs (oneDNN: AMX where the CPU has it) on the model's shapes at "
-                        "load (cached per machine) and takes bf16 where faster: prefill and large batches run "
-                        "several times faster on AMX, but outputs then depend on how steps are composed; bf16:N: "
+                        "kernels against bf16 GEMMs (AMX or AVX512-BF16 kernels where the CPU has them) on the "
+                        "model's shapes at load (cached per machine) and takes bf16 where faster: prefill and large "
+                        "batches run several times faster there, but outputs then depend on how steps are composed; "
+                        "bf16:N: "
                         "bf16 GEMMs from N rows on. `pagoda kernel-plan` prints the timings")
     g = p.add_argument_group("parallelism (torch.distributed; see README)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
