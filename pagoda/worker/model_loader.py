@@ -108,15 +108,16 @@ def activation_reserve(model_config: ModelConfig, config: EngineConfig) -> int:
                             config.max_num_seqs)
 
 
-def resolve_kv_budget(model_config: ModelConfig, config: EngineConfig, kv_dtype: torch.dtype) -> KVBudget:
-    """This rank's KV-cache bytes (worker/kv_cache.py); with several ranks, measured once every rank's weights are
-    in memory, and the same on every rank."""
+def resolve_kv_budget(model_config: ModelConfig, config: EngineConfig, kv_dtype: torch.dtype,
+                      reserve: int) -> KVBudget:
+    """This rank's KV-cache bytes (worker/kv_cache.py); with "auto" and several ranks, measured once every rank's
+    weights are in memory, and the same on every rank. `reserve`: the rank's activation reserve."""
     cache = config.cache
-    if cache.kv_cache_memory is not None:
+    if cache.kv_cache_memory is not None:  # a size given: no measurement (and no collective)
         return KVBudget(cache.kv_cache_memory, "set")
     available, ranks_on_host = host_memory()
     return kv_cache_budget(cache, max_bytes_per_token(model_config, kv_dtype, config.parallel), available=available,
-                           ranks_on_host=ranks_on_host, activation_reserve=activation_reserve(model_config, config),
+                           ranks_on_host=ranks_on_host, activation_reserve=reserve,
                            max_num_seqs=config.max_num_seqs,
                            max_model_len=config.context_for(model_config),
                            max_model_len_is_set=config.max_model_len is not None)
@@ -139,7 +140,8 @@ def load_model(path: Path, config: EngineConfig, rank: RankLayout | None = None,
     model, quantization = load_weights(checkpoint, config, shard)
     kernels_plan = resolve_kernel_plan(model, config, remeasure_kernels)
     kernels_plan.apply(model)  # before the native stack, which serves only the steps the kernels take
-    kv_budget = resolve_kv_budget(checkpoint.config, config, kv_dtype)
+    reserve = activation_reserve(checkpoint.config, config)
+    kv_budget = resolve_kv_budget(checkpoint.config, config, kv_dtype, reserve)
     kv_layout = plan_kv_cache(checkpoint.config, config.cache, kv_dtype, config.parallel, kv_budget.bytes)
     kv_caches = allocate_kv_cache(kv_layout, checkpoint.config, kv_dtype, device, rank)
     stack, stack_reason = native_stack.build(model, kv_caches, backend)
@@ -160,7 +162,7 @@ def load_model(path: Path, config: EngineConfig, rank: RankLayout | None = None,
         weight_bytes=sum(t.nbytes for t in _unique_tensors(model)),
         kv_cache_bytes=sum(c.nbytes for c in kv_caches), kv_cache_blocks=kv_layout.num_blocks,
         kv_cache_tokens=kv_layout.num_tokens, kv_bytes_per_token=sum(c[0, 0].nbytes for c in kv_caches) * 2,
-        kv_cache_sizing=kv_budget.reason, activation_reserve_bytes=activation_reserve(checkpoint.config, config))
+        kv_cache_sizing=kv_budget.reason, activation_reserve_bytes=reserve)
     logger.info("execution plan: %s", plan.summary())
     return LoadedModel(model, checkpoint.config, checkpoint.tokenizer, kv_layout, kv_caches, backend, stack, plan,
                        kernels_plan)
