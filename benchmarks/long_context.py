@@ -9,7 +9,7 @@ while one long prompt is prefilled in chunks.
 Models: a tiny random-weight Llama with yarn rope scaling to 131072 tokens (1 layer, 2 query heads and 1 KV head
 of 32: the attention is the whole cost, and a 128k prefill takes seconds, not hours), and SmolLM2-135M-Instruct
 up to its 8192-token context. Greedy, one request at a time, default engine settings otherwise (kernel plan
-"kernel", fp16 KV cache, --kv-cache-memory auto).
+"kernel", --kv-cache-memory auto), for each KV-cache dtype of --kv-cache-dtypes (default: fp16, int8, fp8 e4m3).
 """
 
 from __future__ import annotations
@@ -22,11 +22,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 CONTEXTS = (4096, 8192, 32768, 131072)
-KV_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
+KV_DTYPES = ("float32", "float16", "bfloat16", "int8", "fp8_e4m3", "fp8_e5m2")  # the bytes-per-token columns
+MEASURED_KV_DTYPES = ("float16", "int8", "fp8_e4m3")
 DECODE_TOKENS = 32
 
 
@@ -59,23 +62,25 @@ def run_one(engine, prompt: list[int], max_tokens: int) -> tuple[float, float]:
     return first - start, (max_tokens - 1) / (end - first)
 
 
-def measure_contexts(name: str, model: str, contexts: list[int], vocab: int) -> list[dict]:
+def measure_contexts(name: str, model: str, contexts: list[int], vocab: int, kv_cache_dtype: str) -> list[dict]:
     from pagoda import LLM
+    from pagoda.worker.kv_cache import kv_bytes_per_token, resolve_kv_cache_dtype
 
     rows = []
     for context in contexts:
         rng = random.Random(context)
         prompt = [rng.randrange(vocab) for _ in range(context - DECODE_TOKENS)]
-        with LLM(model, max_model_len=context, max_num_seqs=1, max_prefill_tokens=2048, progress=False) as llm:
+        with LLM(model, max_model_len=context, max_num_seqs=1, max_prefill_tokens=2048, kv_cache_dtype=kv_cache_dtype,
+                 progress=False) as llm:
             engine = llm.engine
-            per_token = engine.plan.kv_bytes_per_token
-            element = 2 if engine.plan.kv_cache_dtype in ("float16", "bfloat16") else 4
+            config = engine.model_config
             prefill, decode = run_one(engine, prompt, DECODE_TOKENS)
+        per_token = {d: kv_bytes_per_token(config, resolve_kv_cache_dtype(d, torch.float32, torch.device("cpu")))
+                     for d in KV_DTYPES}
         row = {"model": name, "context": context, "kv_cache_dtype": engine.plan.kv_cache_dtype,
-               "kv_bytes_per_token": {d: per_token // element * size for d, size in KV_DTYPES.items()},
-               "prefill_seconds": prefill, "prefill_tokens_per_s": len(prompt) / prefill,
-               "decode_tokens_per_s": decode}
-        row["requests_per_gib"] = {d: 2 ** 30 / (b * context) for d, b in row["kv_bytes_per_token"].items()}
+               "kv_bytes_per_token": per_token, "prefill_seconds": prefill,
+               "prefill_tokens_per_s": len(prompt) / prefill, "decode_tokens_per_s": decode}
+        row["requests_per_gib"] = {d: 2 ** 30 / (b * context) for d, b in per_token.items()}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -128,17 +133,18 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for name in sorted({r["model"] for r in rows}):
-        mine = [r for r in rows if r["model"] == name]
+    for name, dtype in sorted({(r["model"], r["kv_cache_dtype"]) for r in rows}):
+        mine = [r for r in rows if (r["model"], r["kv_cache_dtype"]) == (name, dtype)]
         x = [r["context"] for r in mine]
-        axes[0].plot(x, [r["prefill_seconds"] for r in mine], marker="o", label=name)
-        axes[1].plot(x, [r["decode_tokens_per_s"] for r in mine], marker="o", label=name)
+        label = f"{name}, {dtype} KV"
+        axes[0].plot(x, [r["prefill_seconds"] for r in mine], marker="o", label=label)
+        axes[1].plot(x, [r["decode_tokens_per_s"] for r in mine], marker="o", label=label)
     for ax, title in zip(axes, ("prefill of one prompt filling the context (s)", "decode at that context (tok/s)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context (tokens)")
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
     axes[0].set_yscale("log")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -147,6 +153,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=int, nargs="*", default=list(CONTEXTS))
+    parser.add_argument("--kv-cache-dtypes", nargs="*", default=list(MEASURED_KV_DTYPES))
     parser.add_argument("--fairness-prompt", type=int, default=131000)
     parser.add_argument("--fairness-only", action="store_true", help="only the fairness measurement (not written)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "long_context.json")
@@ -159,8 +166,11 @@ def main() -> None:
         if args.fairness_only:
             print(json.dumps(fairness))
             return
-        rows = measure_contexts("tiny yarn 128k (1 layer)", tiny, args.contexts, 512)
-        rows += measure_contexts("SmolLM2-135M", DEFAULT_MODEL, [c for c in args.contexts if c <= 8192], 49152)
+        rows = []
+        for kv in args.kv_cache_dtypes:
+            rows += measure_contexts("tiny yarn 128k (1 layer)", tiny, args.contexts, 512, kv)
+            rows += measure_contexts("SmolLM2-135M", DEFAULT_MODEL, [c for c in args.contexts if c <= 8192], 49152,
+                                     kv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"contexts": rows, "fairness": fairness}, indent=2))
     plot(rows, ROOT / "benchmarks" / "plots" / "long_context.png")

@@ -42,7 +42,9 @@ class ExecutionPlan:
     kv_cache_tokens: int
     kv_bytes_per_token: int  # this rank's
     kv_cache_sizing: str  # "set" (a size was given) or how "auto" sized it
-    activation_reserve_bytes: int  # the largest step's activations by the planner's formula (planner.py)
+    activation_reserve_bytes: int  # kept free for the largest step: max(formula, measured)
+    activation_formula_bytes: int  # the largest step's activation buffers by the planner's formula (planner.py)
+    activation_measured_bytes: int | None  # the resident memory the largest step added (worker/activation_probe.py)
 
     def as_dict(self) -> dict:
         return asdict(self)

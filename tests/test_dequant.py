@@ -119,3 +119,24 @@ def test_real_model_tensors_match_reference(smollm_gguf) -> None:
                 ours = dequantize(t.data, t.qtype, t.shape)
             assert ours.shape == t.shape, t.name
             assert torch.equal(ours, reference(t.data, t.qtype, t.shape)), t.name
+
+
+def test_source_reads_slices_a_bounded_chunk_at_a_time(smollm_gguf, monkeypatch) -> None:
+    """GGUFSource.read dequantizes READ_ELEMENTS values at a time into the result: the same values as one
+    dequantization of the whole tensor, for a permuted q projection (chunks of whole heads), the Q8_0 table
+    and a 1-D norm, whole and sliced."""
+    from pagoda.loader import tensors as tensor_module
+    from pagoda.loader.gguf_loader import config_from_gguf, gguf_tensors
+
+    gguf = GGUFFile(smollm_gguf)
+    sources = dict(gguf_tensors(gguf, config_from_gguf(gguf)))
+    names = ["model.layers.3.self_attn.q_proj.weight", "model.embed_tokens.weight", "model.norm.weight"]
+    whole = {name: sources[name].read(torch.float32) for name in names}
+    q = whole[names[0]]
+    assert sources[names[0]].head_rows == 64
+    monkeypatch.setattr(tensor_module, "READ_ELEMENTS", 5000)  # the q projection: one head of 64 rows per chunk
+    for name in names:
+        assert torch.equal(sources[name].read(torch.float32), whole[name]), name
+    assert torch.equal(sources[names[0]].read(torch.float32, (64, 320), (32, 96)), q[64:320, 32:96])
+    table = sources[names[1]]
+    assert torch.equal(table.read(torch.float16, (1000, 1037)), whole[names[1]][1000:1037].half())

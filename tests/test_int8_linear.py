@@ -144,28 +144,56 @@ def test_quantize_round_trip_error_bound() -> None:
     assert torch.equal(torch.stack(unpack(*pack(q, scales), 64)[:1])[0], q)
 
 
-def test_quantize_model_swaps_every_linear_and_the_tied_head() -> None:
+def test_check_quantization_names_the_methods() -> None:
     from pagoda.layers.quantized import check_quantization
 
     with pytest.raises(ValueError, match="not supported"):
         check_quantization("int4", torch.device("cpu"))
     check_quantization(None, torch.device("cpu"))
 
-    class Tiny(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = torch.nn.Module()
-            self.model.embed_tokens = torch.nn.Embedding(100, 64)
-            self.model.proj = Linear(64, 32)
-            self.model.proj.weight.data.normal_()
-            self.lm_head = Linear(64, 100)
-            self.lm_head.weight = self.model.embed_tokens.weight  # tied, as models/llama.py's LMHead
 
-    tiny = quantize_model(Tiny(), "int8")
-    assert isinstance(tiny.model.proj, Int8Linear) and isinstance(tiny.lm_head, Int8Linear)
-    assert not any(isinstance(m, Linear) for m in tiny.modules())
-    assert tiny.lm_head.out_features == 100
-    assert isinstance(tiny.model.embed_tokens, torch.nn.Embedding)  # int8: lookups stay on the fp32 table
+@pytest.mark.parametrize("tied", [True, False])
+def test_int8_from_the_checkpoint_equals_requantizing_the_loaded_model(tmp_path, tied) -> None:
+    """The loader builds each int8 layer from its own slices of the checkpoint before reading the rest (no fp32
+    copy of the model): the same buffers as quantizing a loaded model; the embedding looked up from int8 rows
+    (the tied head's, shared, or its own copy)."""
+    import transformers
+
+    from pagoda.layers.quantized import Int8Embedding
+    from pagoda.worker.model_loader import build_model, new_model
+    from tests.harness import hf_checkpoint
+
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    checkpoint = hf_checkpoint(tmp_path)
+    loaded = build_model(checkpoint, torch.float32, torch.device("cpu"))
+    embedding = loaded.model.embed_tokens.weight.clone()
+    assert quantize_model(loaded, "int8") == set()  # nothing read: the loaded weights were requantized
+    fresh = new_model(checkpoint, torch.float32, torch.device("cpu"))
+    consumed = quantize_model(fresh, "int8", checkpoint.sources())
+    assert "model.embed_tokens.weight" in consumed and "model.layers.1.mlp.down_proj.weight" in consumed
+    assert ("lm_head.weight" in consumed) != tied
+    fresh.load_weights(checkpoint.tensors(), consumed)  # the norms
+    assert not any(isinstance(m, Linear) for m in fresh.modules())
+    mine, theirs = dict(fresh.named_buffers()), dict(loaded.named_buffers())
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), loaded.parameters(), strict=True))
+    embed = fresh.model.embed_tokens
+    assert isinstance(embed, Int8Embedding)
+    assert (embed.qweight.data_ptr() == fresh.lm_head.qweight.data_ptr()) == tied
+    ids = torch.arange(300)
+    step = embedding.abs().view(300, -1, GROUP).amax(-1, keepdim=True) / 127  # half an int8 step per group
+    assert ((embed(ids) - embedding).abs().view(300, -1, GROUP) <= 0.5 * step * (1 + 1e-3)).all()
+
+
+def test_quantize_works_a_bounded_number_of_rows_at_a_time(monkeypatch) -> None:
+    weight = torch.randn(64, 96)
+    whole = quantize(weight)
+    monkeypatch.setattr(quantized, "QUANTIZE_ROWS", 7)  # chunks that cut through tiles and groups of rows
+    assert all(torch.equal(a, b) for a, b in zip(quantize(weight), whole))
 
 
 def test_cli_flag_reaches_engine_config() -> None:

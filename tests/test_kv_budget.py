@@ -106,7 +106,8 @@ def test_an_engine_sizes_its_cache_automatically(tiny_qwen3, monkeypatch) -> Non
         assert layout.num_tokens == 4 * 512  # four requests of 512 tokens: all the scheduler can hold
         assert plan.kv_cache_sizing.startswith("auto: 4 requests x 512 tokens (0.9 x 64.00 GiB available")
         assert plan.kv_cache_tokens == layout.num_tokens and llm.engine.max_concurrency == 4.0
-        assert plan.activation_reserve_bytes > 0
+        assert plan.activation_measured_bytes > 0 and plan.activation_formula_bytes > 0
+        assert plan.activation_reserve_bytes == max(plan.activation_formula_bytes, plan.activation_measured_bytes)
     monkeypatch.setattr(planner, "local_memory_bytes", lambda: 2 ** 20)
     with pytest.raises(ValueError, match="does not fit"):
         LLM(str(tiny_qwen3.directory), max_num_seqs=4, max_model_len=512, progress=False)
@@ -154,6 +155,7 @@ def test_the_server_reports_its_memory(tiny_qwen3, tmp_path) -> None:
         assert values["pagoda:weight_bytes"] == rank["weight_bytes"] > 0
         assert values["pagoda:kv_cache_bytes_per_token"] == rank["kv_bytes_per_token"]
         assert values["pagoda:activation_reserve_bytes"] == rank["activation_reserve_bytes"] > 0
+        assert values["pagoda:activation_measured_bytes"] == rank["activation_measured_bytes"] > 0
         assert values["pagoda:max_concurrency"] == 4.0
     finally:
         server.stop()

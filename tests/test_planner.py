@@ -124,10 +124,15 @@ def test_the_plan_matches_the_engines_memory(fixture, request) -> None:
     path = request.getfixturevalue(fixture)
     config, held, _ = load_for_plan(str(path))
     with LLM(str(path), kv_cache_memory="64MiB", max_model_len=1024, progress=False) as llm:
-        engine = llm.engine.plan
-    p = plan(config, weights=held, kv_cache_dtype=engine.kv_cache_dtype, context=1024)
+        engine, seqs = llm.engine.plan, llm.engine.config.max_num_seqs
+    p = plan(config, weights=held, kv_cache_dtype=engine.kv_cache_dtype, context=1024, max_num_seqs=seqs)
     assert abs(p.weights_per_rank - engine.weight_bytes) <= 0.05 * engine.weight_bytes
     assert p.kv_bytes_per_token == engine.kv_bytes_per_token
+    # the activation formula against the peak the engine measured on its largest step (BENCHMARKS.md: within
+    # 0.7-1.3x on these models); the engine reserves the larger
+    assert p.activation_bytes == engine.activation_formula_bytes
+    assert 0.5 * engine.activation_formula_bytes < engine.activation_measured_bytes < 2 * p.activation_bytes
+    assert engine.activation_reserve_bytes == max(engine.activation_formula_bytes, engine.activation_measured_bytes)
 
 
 def test_sliding_window_layers_are_capped_in_the_lower_bound() -> None:

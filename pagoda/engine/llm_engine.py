@@ -96,11 +96,14 @@ class LLMEngine:
         self.max_concurrency = loaded.kv_layout.max_concurrency(self.max_model_len)  # requests of max_model_len
         logger.info(
             "memory per rank: weights %.2f GiB, KV cache %.2f GiB (%s: %d blocks of %d tokens = %d tokens, %d "
-            "B/token, %s), activations up to %.2f GiB; max concurrency at %d tokens: %.1f",
+            "B/token, %s), activations %.0f MiB reserved (largest step: %s measured, %.0f MiB by the formula); max "
+            "concurrency at %d tokens: %.1f",
             self.plan.weight_bytes / 1024**3, loaded.kv_layout.num_bytes / 1024**3, self.plan.kv_cache_dtype,
             loaded.kv_layout.num_blocks, config.block_size, loaded.kv_layout.num_tokens,
-            loaded.kv_layout.bytes_per_token, self.plan.kv_cache_sizing, self.plan.activation_reserve_bytes / 1024**3,
-            self.max_model_len, self.max_concurrency)
+            loaded.kv_layout.bytes_per_token, self.plan.kv_cache_sizing, self.plan.activation_reserve_bytes / 2**20,
+            "not" if self.plan.activation_measured_bytes is None
+            else f"{self.plan.activation_measured_bytes / 2**20:.0f} MiB",
+            self.plan.activation_formula_bytes / 2**20, self.max_model_len, self.max_concurrency)
         logger.info("model %s (%s) ready in %.1f s", path.name, loaded.config.model_type, time.monotonic() - start)
 
     # ---- requests -----------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ from torch import nn
 from pagoda import kernels
 from pagoda.layers.linear import Embedding, Linear, WeightShard
 from pagoda.loader.tensors import TensorSource
+from pagoda.models.loading import read_parameter
 
 logger = logging.getLogger("pagoda")
 
@@ -45,25 +47,35 @@ TILE = 16  # output rows per packed tile: the kernels' layout unit (see quant_li
 INT8_KERNEL_MAX_ROWS = 64  # above this many input rows the fp32 GEMM on a dequantized int8 weight is faster
 QUANTIZATIONS = ("int8", "gguf", "gguf-a8")
 Q4_ACTIVATIONS = {"gguf": "int16", "gguf-a8": "int8"}  # how each GGUF method rounds x for the q4 kernel
+GGUF_KERNEL_TYPES = ("Q4_1", "Q8_0")  # GGUF block types the kernels compute on as they are stored
+
+
+QUANTIZE_ROWS = 4096  # rows quantized at a time: bounds the fp32 temporaries (a 262k-row table is 0.7 GB each)
 
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """W[N, K] float -> (q int8 [N, K'], scales fp16 [N, K'/32]), K' = K rounded up to 32 (zero padding).
     q = round(W / s) with s = max|group| / 127 rounded up to fp16, so q is in [-127, 127] without clamping and
-    |W - q * s| <= s / 2 for every weight."""
-    w = weight.detach().to(torch.float32)
-    n, k = w.shape
-    w = F.pad(w, (0, -k % GROUP))
-    groups = w.view(n, -1, GROUP)
-    exact = groups.abs().amax(dim=-1) / 127
-    scales = exact.to(torch.float16)
-    scales = torch.where(scales.to(torch.float32) < exact, torch.nextafter(scales, torch.tensor(torch.inf,
-                         dtype=torch.float16)), scales)
-    if not torch.isfinite(scales).all():
-        raise ValueError("weight has values too large (or not finite) for int8 with fp16 scales")
-    s = scales.to(torch.float32).unsqueeze(-1)
-    q = torch.where(s > 0, groups / s, torch.zeros_like(groups)).round_().clamp_(-127, 127)  # clamp: fp32 slop
-    return q.to(torch.int8).view(n, -1), scales
+    |W - q * s| <= s / 2 for every weight. Works QUANTIZE_ROWS rows at a time (each row is independent)."""
+    n, k = weight.shape
+    padded = k + -k % GROUP
+    q = torch.empty(n, padded, dtype=torch.int8)
+    scales = torch.empty(n, padded // GROUP, dtype=torch.float16)
+    up = torch.tensor(torch.inf, dtype=torch.float16)
+    for r0 in range(0, n, QUANTIZE_ROWS):
+        r1 = min(n, r0 + QUANTIZE_ROWS)
+        w = F.pad(weight[r0:r1].detach().to(torch.float32), (0, padded - k))
+        groups = w.view(r1 - r0, -1, GROUP)
+        exact = groups.abs().amax(dim=-1) / 127
+        s16 = exact.to(torch.float16)
+        s16 = torch.where(s16.to(torch.float32) < exact, torch.nextafter(s16, up), s16)
+        if not torch.isfinite(s16).all():
+            raise ValueError("weight has values too large (or not finite) for int8 with fp16 scales")
+        s = s16.to(torch.float32).unsqueeze(-1)
+        codes = torch.where(s > 0, groups / s, 0.0).round_().clamp_(-127, 127)  # clamp: fp32 slop
+        q[r0:r1] = codes.view(r1 - r0, -1)
+        scales[r0:r1] = s16
+    return q, scales
 
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -265,6 +277,7 @@ class QuantizedLinear(nn.Module, ABC):
     Subclasses hold the packed buffers and say how to run the kernel and how to dequantize."""
 
     kind = 0  # the fused decoder's code for this format (pagoda/kernels/llama_stack.cpp)
+    prebuilt = True  # built with its weights (the bias too): the model's load_weights leaves it alone
     # Batches of more rows than this take torch's GEMM on the dequantized weight; None: the kernel always.
     kernel_max_rows: int | None = None
     # Set by use_bf16 (the kernel plan, worker/kernel_plan.py): from this many rows on, dense_bf16_gemm on the
@@ -353,9 +366,12 @@ class Int8Linear(QuantizedLinear):
     kernel_max_rows = INT8_KERNEL_MAX_ROWS
     k_per_packed_row = 2  # qweight [T, K/2, 16, 2]
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        super().__init__(*weight.shape, bias)
-        qt, st = pack(*quantize(weight))
+    def __init__(self, weight: torch.Tensor | None, bias: torch.Tensor | None = None,
+                 codes: tuple[torch.Tensor, torch.Tensor, int] | None = None):
+        """From a float `weight` (quantized here), or from `codes`: (q int8 [N, K'], scales fp16 [N, K'/32], K)."""
+        q, scales, k = codes if weight is None else (*quantize(weight), weight.shape[1])
+        super().__init__(q.shape[0], k, bias)
+        qt, st = pack(q, scales)
         self.register_buffer("qweight", qt)  # [T, K'/2, 16, 2] int8
         self.register_buffer("scales", st.view(torch.int16))  # [T, K'/32, 16] fp16 bits
         self._pointers()
@@ -363,6 +379,16 @@ class Int8Linear(QuantizedLinear):
     @classmethod
     def from_linear(cls, linear: nn.Module) -> Int8Linear:
         return cls(linear.weight, linear.bias)
+
+    @classmethod
+    def from_q8_0(cls, blocks: np.ndarray, k: int, bias: torch.Tensor | None = None) -> Int8Linear:
+        """From a GGUF Q8_0 tensor's stored blocks [N, K/32 * 34] (fp16 d, then 32 int8 codes): the same codes and
+        scales (w = d * q), without an fp32 copy of the weight."""
+        n = blocks.shape[0]
+        b = torch.from_numpy(np.ascontiguousarray(blocks)).view(n, -1, 34)
+        scales = b[:, :, :2].contiguous().view(torch.float16).view(n, -1)
+        q = b[:, :, 2:].contiguous().view(torch.int8).view(n, -1)
+        return cls(None, bias, (q, scales, k))
 
     def packed(self) -> tuple[torch.Tensor, ...]:
         return self.qweight, self.scales
@@ -384,9 +410,9 @@ class Int8Linear(QuantizedLinear):
 
 
 class Int8Embedding(Embedding):
-    """Embedding lookups from an Int8Linear's packed rows: the tied LM head's copy of the table serves both,
-    so the fp32 table does not stay in memory. Used where the lookup is exact: a GGUF table stored as Q8_0.
-    Keeps the embedding's vocabulary range (tensor parallelism): the head holds the same rows."""
+    """Embedding lookups from an Int8Linear's packed rows (a tied LM head's, whose copy of the table then serves
+    both), so no fp32 table stays in memory. Exact for a GGUF table stored as Q8_0; under "int8" the table's
+    requantized rows. Keeps the embedding's vocabulary range (tensor parallelism): the head holds the same rows."""
 
     def __init__(self, head: Int8Linear, like: Embedding):
         nn.Module.__init__(self)
@@ -516,12 +542,14 @@ def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name), leaf, module)
 
 
-def _stored_blocks(name: str, module: Linear, sources: dict[str, TensorSource]) -> list[tuple[str, np.ndarray]] | None:
-    """The checkpoint's stored blocks for exactly the slices `module` holds (its shards, in row order), or None
-    when a slice has none (not a GGUF tensor, or cut through blocks)."""
+def _stored_blocks(name: str, module: Linear, sources: Mapping[str, TensorSource],
+                   ) -> tuple[list[tuple[str, np.ndarray]], set[str]] | None:
+    """The checkpoint's stored blocks for exactly the slices `module` holds (its shards, in row order) and the
+    names of the tensors they come from, or None when a slice has none (not a GGUF tensor, or cut through
+    blocks)."""
     shards = module.shards or [WeightShard(name.rpartition(".")[2], 0, 0, module.out_features)]
     parent = name.rpartition(".")[0]
-    found = []
+    found, names = [], set()
     for shard in shards:
         source_name = shard.source if "." in shard.source else f"{parent}.{shard.source}".lstrip(".")
         source = sources.get(f"{source_name}.weight")
@@ -530,51 +558,72 @@ def _stored_blocks(name: str, module: Linear, sources: dict[str, TensorSource]) 
         if raw is None:
             return None
         found.append(raw)
-    return found
+        names.add(f"{source_name}.weight")
+    return found, names
 
 
-def _gguf_linear(module: Linear, shards: list[tuple[str, np.ndarray]], activations: str) -> QuantizedLinear | None:
-    """The quantized layer holding exactly the checkpoint's blocks for `module` (shards concatenated along
-    N), or None when the shards are not all of one type the kernels take (Q4_1, Q8_0)."""
-    kinds = {kind for kind, _ in shards}
-    if kinds == {"Q4_1"}:
+def _gguf_linear(module: Linear, shards: list[tuple[str, np.ndarray]], bias: torch.Tensor | None,
+                 activations: str) -> QuantizedLinear:
+    """The quantized layer holding exactly the checkpoint's blocks for `module` (shards of one GGUF_KERNEL_TYPES
+    type, concatenated along N)."""
+    if shards[0][0] == "Q4_1":
         values = [q4_1_codes(blocks, blocks.shape[0], module.in_features) for _, blocks in shards]
         codes, d, m = (torch.cat(parts) for parts in zip(*values))
-        return Q4Linear(codes, d, m, module.bias, activations)
-    if kinds == {"Q8_0"}:  # requantizing the exact Q8_0 values gives back the same codes and scales
-        return Int8Linear.from_linear(module)
-    return None
+        return Q4Linear(codes, d, m, bias, activations)
+    return Int8Linear.from_q8_0(np.concatenate([blocks for _, blocks in shards]), module.in_features, bias)
 
 
-def quantize_model(model: nn.Module, method: str, sources: dict[str, TensorSource] | None = None) -> nn.Module:
-    """Swap the Linear layers of a loaded model shard, the LM head included, for quantized ones. Returns the
-    model, changed in place.
+def quantize_model(model: nn.Module, method: str, sources: Mapping[str, TensorSource] | None = None) -> set[str]:
+    """Swap the Linear layers of a model shard, the LM head included, for quantized ones, in place. Returns the
+    names of the checkpoint tensors the quantized layers were built from.
 
-    "int8": every layer, requantized. "gguf" / "gguf-a8": each layer whose checkpoint slices (the layer's
-    `shards`) are stored as Q4_1 or Q8_0, with exactly those values (Q4_1 layers rounding x to int16 / int8);
-    `sources` are the checkpoint's tensors, which hand out their stored blocks. A tied Q8_0 embedding is then
-    looked up from the LM head's int8 copy. Other layers stay in fp32."""
+    With `sources` (the checkpoint's tensors) the model's weights are not loaded yet: each layer reads only its
+    own slices (layers/linear.py `shards`), so no fp32 copy of the model is ever made, and the model's
+    load_weights fills what is left, given the returned names. Without, the loaded weights are requantized.
+
+    "int8": every layer, requantized. "gguf" / "gguf-a8" (need `sources`): each layer whose checkpoint slices are
+    stored as Q4_1 or Q8_0, with exactly those values (Q4_1 layers rounding x to int16 / int8); other layers stay
+    in fp32. A tied embedding is then looked up from the int8 LM head's rows (exact for a Q8_0 table), and under
+    "int8" an untied one from its own int8 copy."""
     check_quantization(method, next(model.parameters()).device)
+    consumed: set[str] = set()
+
+    def parameter(name: str, module: nn.Module, leaf: str) -> torch.Tensor | None:
+        value = getattr(module, leaf)
+        if value is None or sources is None:
+            return value
+        return read_parameter(name, module, leaf, sources, consumed)
+
     if method in Q4_ACTIVATIONS:
         if sources is None:
             raise ValueError(f"quantization {method!r} needs a GGUF checkpoint (its quantized blocks are used as they "
                              "are)")
         for name, module in _linears(model):
-            blocks = _stored_blocks(name, module, sources)
-            layer = None if blocks is None else _gguf_linear(module, blocks, Q4_ACTIVATIONS[method])
-            if layer is not None:
-                _swap(model, name, layer)
-        embed, head = model.model.embed_tokens, getattr(model, "lm_head", None)
-        if (embed is not None and isinstance(head, Int8Linear) and getattr(embed, "weight", None) is not None
-                and model.config.tie_word_embeddings):
-            # the Q8_0 values, requantized to themselves: lookups from them are exact; the fp32 table goes
-            model.model.embed_tokens = Int8Embedding(head, embed)
+            stored = _stored_blocks(name, module, sources)
+            if stored is None or len({kind for kind, _ in stored[0]}) != 1 or stored[0][0][0] not in GGUF_KERNEL_TYPES:
+                continue  # stays a float layer, loaded by the model
+            consumed |= stored[1]
+            _swap(model, name, _gguf_linear(module, stored[0], parameter(name, module, "bias"), Q4_ACTIVATIONS[method]))
     else:
         for name, module in _linears(model):
-            _swap(model, name, Int8Linear.from_linear(module))
+            _swap(model, name, Int8Linear(parameter(name, module, "weight"), parameter(name, module, "bias")))
+    _int8_embedding(model, method, parameter)
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     counts = {cls.__name__: sum(isinstance(m, cls) for m in layers) for cls in (Int8Linear, Q4Linear)}
     logger.info("%s: %s quantized layers (%s), %.0f MiB of weights; %d linear layers left in fp32", method,
                 len(layers), ", ".join(f"{v} {k}" for k, v in counts.items() if v),
                 sum(m.nbytes for m in layers) / 2**20, len(_linears(model)))
-    return model
+    return consumed
+
+
+def _int8_embedding(model: nn.Module, method: str, parameter) -> None:
+    """Embedding lookups from int8 rows (Int8Embedding), so no fp32 table stays in memory: a tied table shares
+    the LM head's copy when the head is int8 (under "gguf" that is a Q8_0 table: the lookups are exact); under
+    "int8" any other table gets its own int8 copy. `parameter(name, module, leaf)` reads a weight."""
+    embed, head = getattr(model.model, "embed_tokens", None), getattr(model, "lm_head", None)
+    if not isinstance(embed, Embedding) or isinstance(embed, Int8Embedding):
+        return
+    if model.config.tie_word_embeddings and isinstance(head, Int8Linear):
+        model.model.embed_tokens = Int8Embedding(head, embed)
+    elif method == "int8":
+        model.model.embed_tokens = Int8Embedding(Int8Linear(parameter("model.embed_tokens", embed, "weight")), embed)

@@ -19,6 +19,7 @@ from pagoda.loader.dequant import dequantize
 from pagoda.loader.gguf_file import GGUFTensor
 
 Range = tuple[int, int] | None
+READ_ELEMENTS = 1 << 22  # values dequantized at a time by GGUFSource.read (16 MiB of fp32)
 
 
 class TensorSource(ABC):
@@ -85,13 +86,16 @@ class GGUFSource(TensorSource):
         r0, r1 = self._rows(rows)
         c0, c1 = cols or (0, self.shape[1])
         b0, b1 = c0 // self.block * self.block, -(-c1 // self.block) * self.block  # whole blocks around the slice
-        if self.quantized:
-            data = t.data[r0:r1, b0 // self.block * self.type_size: b1 // self.block * self.type_size]
-        else:
-            data = t.data[r0:r1, b0:b1]
-        w = dequantize(np.ascontiguousarray(data), t.qtype, (r1 - r0, b1 - b0))[:, c0 - b0:c1 - b0]
-        w = self._fix_rows(w)
-        return (w - self.offset if self.offset else w).to(dtype)
+        byte0, byte1 = ((b0 // self.block * self.type_size, b1 // self.block * self.type_size) if self.quantized
+                        else (b0, b1))
+        out = torch.empty(r1 - r0, c1 - c0, dtype=dtype)
+        step = max(self.head_rows or 1, READ_ELEMENTS // (b1 - b0) // (self.head_rows or 1) * (self.head_rows or 1))
+        for s0 in range(r0, r1, step):  # a bounded slice at a time: the fp32 temporaries stay small
+            s1 = min(r1, s0 + step)
+            w = dequantize(np.ascontiguousarray(t.data[s0:s1, byte0:byte1]), t.qtype, (s1 - s0, b1 - b0))
+            w = self._fix_rows(w[:, c0 - b0:c1 - b0])
+            out[s0 - r0:s1 - r0] = w - self.offset if self.offset else w
+        return out
 
     def raw(self, rows: Range = None, cols: Range = None) -> tuple[str, np.ndarray] | None:
         if len(self.shape) != 2:

@@ -4,7 +4,7 @@ Sharded like the Llama family (models/llama.py); the output projection is always
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 import torch
 from torch import nn
@@ -106,8 +106,8 @@ class Gemma3ForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return compute_logits(self, hidden)
 
-    def load_weights(self, tensors: Iterable[tuple[str, TensorSource]]) -> None:
-        load_sharded_weights(self, tensors)
+    def load_weights(self, tensors: Iterable[tuple[str, TensorSource]], consumed: Collection[str] = ()) -> None:
+        load_sharded_weights(self, tensors, consumed)
 
 
 def _tied(config: ModelConfig) -> ModelConfig:

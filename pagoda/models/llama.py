@@ -12,7 +12,7 @@ first stage embeds and the last one normalises and computes logits. A single pro
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 import torch
 from torch import nn
@@ -179,5 +179,5 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return compute_logits(self, hidden)
 
-    def load_weights(self, tensors: Iterable[tuple[str, TensorSource]]) -> None:
-        load_sharded_weights(self, tensors)
+    def load_weights(self, tensors: Iterable[tuple[str, TensorSource]], consumed: Collection[str] = ()) -> None:
+        load_sharded_weights(self, tensors, consumed)

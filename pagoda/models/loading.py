@@ -10,9 +10,10 @@ head, rotary frequencies).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from pagoda.layers.linear import WeightShard
@@ -36,6 +37,34 @@ def _source_name(module_name: str, source: str) -> str:
     return f"{parent}.{source}" if parent else source
 
 
+def read_parameter(module_name: str, module: nn.Module, leaf: str, sources: Mapping[str, TensorSource],
+                   consumed: set[str]) -> torch.Tensor:
+    """The value of `module`'s parameter `leaf` (its shape, fp32), read from the checkpoint slices the module
+    holds, as load_sharded_weights would fill it; the names of the tensors read are added to `consumed`. For the
+    quantizer, which builds a layer from one weight at a time instead of from a loaded model."""
+    shape = tuple(getattr(module, leaf).shape)
+
+    def read(name: str, rows=None, cols=None) -> torch.Tensor:
+        if name not in sources:
+            raise ValueError(f"checkpoint lacks weights for: {module_name}.{leaf} ({name})")
+        consumed.add(name)
+        return sources[name].read(torch.float32, rows, cols)
+
+    shards = getattr(module, "shards", None)
+    if shards is None:
+        value = read(f"{module_name}.{leaf}")
+    elif leaf == "bias" and shards[0].dim == 1:  # row-parallel: the whole bias, on one rank only
+        value = (read(f"{_source_name(module_name, shards[0].source)}.bias") if getattr(module, "bias_here", True)
+                 else torch.zeros(shape))
+    elif shards[0].dim == 1:
+        value = read(f"{_source_name(module_name, shards[0].source)}.{leaf}", None, (shards[0].start, shards[0].stop))
+    else:
+        value = torch.cat([read(f"{_source_name(module_name, s.source)}.{leaf}", (s.start, s.stop)) for s in shards])
+    if tuple(value.shape) != shape:
+        raise ValueError(f"weight {module_name}.{leaf} has shape {tuple(value.shape)}, expected {shape}")
+    return value
+
+
 def weight_targets(model: nn.Module) -> tuple[dict[str, list[_Target]], set[str]]:
     """checkpoint tensor name -> where its slices go; and the names of parameters that are zero by design (the
     bias of a row-parallel layer on ranks other than the first)."""
@@ -43,6 +72,8 @@ def weight_targets(model: nn.Module) -> tuple[dict[str, list[_Target]], set[str]
     targets: dict[str, list[_Target]] = {}
     zeroed: set[str] = set()
     for module_name, module in model.named_modules():
+        if getattr(module, "prebuilt", False):  # built from the checkpoint already (a quantized layer)
+            continue
         for leaf, param in module.named_parameters(recurse=False):
             name = f"{module_name}.{leaf}" if module_name else leaf
             if unique.get(id(param)) != name:
@@ -78,14 +109,17 @@ def _held_elsewhere(model: nn.Module, name: str) -> bool:
     return shard.layout.pp_size > 1  # embeddings, final norm, LM head: on the first or last stage only
 
 
-def load_sharded_weights(model: nn.Module, tensors: Iterable[tuple[str, TensorSource]]) -> None:
+def load_sharded_weights(model: nn.Module, tensors: Iterable[tuple[str, TensorSource]],
+                         consumed: Collection[str] = ()) -> None:
+    """Fill every parameter of `model` from `tensors`; `consumed`: checkpoint tensors already read into layers
+    built from them (a quantized layer), which need no place here."""
     targets, zeroed = weight_targets(model)
     filled: set[tuple[str, int]] = set()
     dtype = next(model.parameters()).dtype
     for name, source in tensors:
         places = targets.get(name)
         if places is None:
-            if _held_elsewhere(model, name):
+            if name in consumed or _held_elsewhere(model, name):
                 continue
             raise ValueError(f"checkpoint weight {name!r} has no place in {type(model).__name__}")
         for t in places:

@@ -70,7 +70,11 @@ class ServerMetrics:
         self.kv_cache_tokens = gauge("pagoda:kv_cache_tokens", "Tokens the KV cache holds.")
         self.kv_bytes_per_token = gauge("pagoda:kv_cache_bytes_per_token", "KV-cache bytes per token per rank.")
         self.activation_bytes = gauge("pagoda:activation_reserve_bytes",
-                                      "Activation buffers of the largest step per rank (the planner's formula).")
+                                      "Memory kept free for the largest step's activations per rank: the larger "
+                                      "of the planner's formula and the measured peak.")
+        self.activation_measured = gauge("pagoda:activation_measured_bytes",
+                                         "Resident memory the largest step added when measured at load, per rank "
+                                         "(0: not measured on this device).")
         self.max_concurrency = gauge("pagoda:max_concurrency",
                                      "Requests of max_model_len tokens the KV cache holds at once.")
         self._model_name = model_name
@@ -87,6 +91,7 @@ class ServerMetrics:
         self.kv_cache_tokens.set(engine.kv_layout.num_tokens)
         self.kv_bytes_per_token.set(max(p.kv_bytes_per_token for p in plans))
         self.activation_bytes.set(max(p.activation_reserve_bytes for p in plans))
+        self.activation_measured.set(max(p.activation_measured_bytes or 0 for p in plans))
         self.max_concurrency.set(engine.max_concurrency)
         self.kv_blocks_total.set(engine.kv_layout.num_blocks)
 

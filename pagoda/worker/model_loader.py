@@ -32,6 +32,7 @@ from pagoda.parallel.comm import TPGroup
 from pagoda.parallel.layout import RankLayout
 from pagoda.parallel.shard import ModelShard
 from pagoda.worker import kernel_plan
+from pagoda.worker.activation_probe import measure_activation_peak
 from pagoda.worker.kv_cache import (
     KVBudget,
     KVCacheLayout,
@@ -69,27 +70,35 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-def build_model(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device,
-                shard: ModelShard | None = None, context: int | None = None) -> nn.Module:
-    """The model (its shard on a parallel rank) with its weights read from the checkpoint, its rotary made for
-    `context` tokens (default: the model's context length)."""
+def new_model(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device,
+              shard: ModelShard | None = None, context: int | None = None) -> nn.Module:
+    """The model (its shard on a parallel rank) with its weights not read yet (uninitialised memory, not touched,
+    so not resident), its rotary made for `context` tokens (default: the model's context length)."""
     config = dataclasses.replace(checkpoint.config, served_context=context)
     cls = model_class(config)
     with torch.device(device), _default_dtype(dtype):
-        model = cls(config, checkpoint.rope_freq_factors, shard)
+        return cls(config, checkpoint.rope_freq_factors, shard).eval()
+
+
+def build_model(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device,
+                shard: ModelShard | None = None, context: int | None = None) -> nn.Module:
+    """new_model with every weight read from the checkpoint."""
+    model = new_model(checkpoint, dtype, device, shard, context)
     model.load_weights(checkpoint.tensors())
-    return model.eval()
+    return model
 
 
 def load_weights(checkpoint: Checkpoint, config: EngineConfig, shard: ModelShard | None = None,
                  ) -> tuple[nn.Module, str | None]:
-    """The model (its shard) with its weights in the format the config resolves to here, and that format."""
+    """The model (its shard) with its weights in the format the config resolves to here, and that format. A
+    quantized layer is built from its own slices of the checkpoint before the rest is read, so the peak memory of
+    a load stays near its end (no fp32 copy of the quantized weights)."""
     device, dtype = torch.device(config.device), config.torch_dtype
     quantization = resolve_quantization(config.quantization, device, dtype, checkpoint.is_gguf)
-    model = build_model(checkpoint, dtype, device, shard, config.context_for(checkpoint.config))
-    if quantization is not None:
-        quantize_model(model, quantization, checkpoint.sources() if checkpoint.is_gguf else None)
-    elif dtype == torch.bfloat16 and device.type == "cpu":
+    model = new_model(checkpoint, dtype, device, shard, config.context_for(checkpoint.config))
+    consumed = quantize_model(model, quantization, checkpoint.sources()) if quantization is not None else set()
+    model.load_weights(checkpoint.tensors(), consumed)
+    if quantization is None and dtype == torch.bfloat16 and device.type == "cpu":
         use_bf16_kernels(model)  # the native stack's bf16-weight layers
     return model, quantization
 
@@ -101,7 +110,8 @@ def resolve_kernel_plan(model: nn.Module, config: EngineConfig, remeasure: bool 
 
 
 def activation_reserve(model_config: ModelConfig, config: EngineConfig) -> int:
-    """The largest step's activation buffers on a rank, by the planner's formula (planner.activation_bytes)."""
+    """The largest step's activation buffers on a rank, by the planner's formula (planner.activation_bytes); the
+    reserve is the larger of this and the peak measured on the model (worker/activation_probe.py)."""
     from pagoda.planner import activation_bytes
 
     return activation_bytes(model_config, config.tensor_parallel_size, config.max_prefill_tokens,
@@ -140,7 +150,9 @@ def load_model(path: Path, config: EngineConfig, rank: RankLayout | None = None,
     model, quantization = load_weights(checkpoint, config, shard)
     kernels_plan = resolve_kernel_plan(model, config, remeasure_kernels)
     kernels_plan.apply(model)  # before the native stack, which serves only the steps the kernels take
-    reserve = activation_reserve(checkpoint.config, config)
+    formula = activation_reserve(checkpoint.config, config)
+    measured = measure_activation_peak(model, checkpoint.config, config, backend, kv_dtype, rank)
+    reserve = max(formula, measured or 0)
     kv_budget = resolve_kv_budget(checkpoint.config, config, kv_dtype, reserve)
     kv_layout = plan_kv_cache(checkpoint.config, config.cache, kv_dtype, config.parallel, kv_budget.bytes)
     kv_caches = allocate_kv_cache(kv_layout, checkpoint.config, kv_dtype, device, rank)
@@ -162,7 +174,8 @@ def load_model(path: Path, config: EngineConfig, rank: RankLayout | None = None,
         weight_bytes=sum(t.nbytes for t in _unique_tensors(model)),
         kv_cache_bytes=sum(c.nbytes for c in kv_caches), kv_cache_blocks=kv_layout.num_blocks,
         kv_cache_tokens=kv_layout.num_tokens, kv_bytes_per_token=sum(c[0, 0].nbytes for c in kv_caches) * 2,
-        kv_cache_sizing=kv_budget.reason, activation_reserve_bytes=reserve)
+        kv_cache_sizing=kv_budget.reason, activation_reserve_bytes=reserve, activation_formula_bytes=formula,
+        activation_measured_bytes=measured)
     logger.info("execution plan: %s", plan.summary())
     return LoadedModel(model, checkpoint.config, checkpoint.tokenizer, kv_layout, kv_caches, backend, stack, plan,
                        kernels_plan)

@@ -42,21 +42,24 @@ class ModelRunner:
         """The whole step on a single rank."""
         return self.run(build_step_input(scheduler_output, self.block_size))
 
+    def forward(self, layout: BatchLayout, input_ids: torch.Tensor, positions: torch.Tensor,
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Every token's hidden state after this rank's layers (the native stack for the steps it serves)."""
+        metadata = self.backend.build_metadata(layout, self.windows)
+        stack = self.native_stack
+        with forward_context(ForwardContext(self.backend, metadata, self.kv_caches)):
+            if stack is not None and (stack.max_tokens is None or len(input_ids) <= stack.max_tokens):
+                return stack(input_ids, positions, hidden)
+            return self.model(input_ids, positions, hidden)
+
     @torch.inference_mode()
     def run(self, step: StepInput, hidden: torch.Tensor | None = None) -> ModelRunnerOutput | torch.Tensor | None:
         """Run this rank's part of a step. `hidden`: the previous pipeline stage's output. Returns the
         ModelRunnerOutput (on the rank that samples), the hidden states (before the last stage), or None."""
         layout = BatchLayout(step.query_start, step.context_lens, step.block_tables, step.num_decodes,
                              self.block_size, torch.from_numpy(step.slot_mapping).to(self.device))
-        metadata = self.backend.build_metadata(layout, self.windows)
-        input_ids = torch.from_numpy(step.input_ids).to(self.device)
-        positions = torch.from_numpy(step.positions).to(self.device)
-        stack = self.native_stack
-        with forward_context(ForwardContext(self.backend, metadata, self.kv_caches)):
-            if stack is not None and (stack.max_tokens is None or step.num_tokens <= stack.max_tokens):
-                out = stack(input_ids, positions, hidden)
-            else:
-                out = self.model(input_ids, positions, hidden)
+        out = self.forward(layout, torch.from_numpy(step.input_ids).to(self.device),
+                           torch.from_numpy(step.positions).to(self.device), hidden)
         if not self.is_last_stage:
             return out
         # out holds every token's final hidden state (the torch modules and the native stack alike), so the
