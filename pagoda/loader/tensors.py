@@ -108,5 +108,5 @@ class GGUFSource(TensorSource):
         unit = self.type_size if self.quantized else np.dtype(t.data.dtype).itemsize
         blocks = np.asarray(t.data[r0:r1]).view(np.uint8)[:, c0 // self.block * unit: -(-c1 // self.block) * unit]
         if self.head_rows:  # the permutation moves whole rows: exact for any block type
-            blocks = _unpermute(torch.from_numpy(np.ascontiguousarray(blocks)), (r1 - r0) // self.head_rows).numpy()
+            blocks = _unpermute(torch.from_numpy(np.array(blocks)), (r1 - r0) // self.head_rows).numpy()
         return t.qtype.name, blocks
