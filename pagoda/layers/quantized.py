@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 
@@ -149,10 +150,18 @@ def unpack_q4a16_units(qweight: torch.Tensor) -> torch.Tensor:
     return units.view(qweight.shape[0], -1, TILE, 2)
 
 
+def _blocks_tensor(blocks: np.ndarray) -> torch.Tensor:
+    """Stored blocks (often a read-only view of the checkpoint's memory map) as a uint8 tensor, read, never
+    written: no copy."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(blocks))
+
+
 def q4_1_codes(blocks: np.ndarray, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GGUF Q4_1 data ([N, K/32 * 20] bytes: fp16 d, fp16 m, 16 bytes of nibbles, element j in the low nibble
     of byte j and element j + 16 in its high nibble) -> (codes uint8 [N, K], d fp16 [N, K/32], m fp16 [N, K/32])."""
-    b = torch.from_numpy(np.ascontiguousarray(blocks).reshape(n * (k // GROUP), 20))
+    b = _blocks_tensor(blocks).reshape(n * (k // GROUP), 20)
     d = b[:, 0:2].contiguous().view(torch.float16).view(n, -1)
     m = b[:, 2:4].contiguous().view(torch.float16).view(n, -1)
     qs = b[:, 4:]
@@ -385,7 +394,7 @@ class Int8Linear(QuantizedLinear):
         """From a GGUF Q8_0 tensor's stored blocks [N, K/32 * 34] (fp16 d, then 32 int8 codes): the same codes and
         scales (w = d * q), without an fp32 copy of the weight."""
         n = blocks.shape[0]
-        b = torch.from_numpy(np.ascontiguousarray(blocks)).view(n, -1, 34)
+        b = _blocks_tensor(blocks).view(n, -1, 34)
         scales = b[:, :, :2].contiguous().view(torch.float16).view(n, -1)
         q = b[:, :, 2:].contiguous().view(torch.int8).view(n, -1)
         return cls(None, bias, (q, scales, k))
